@@ -1,0 +1,1 @@
+"""Text in, id streams out: sources → tokenizers → vocabulary → id streams → batches."""

@@ -1,0 +1,81 @@
+"""Turn lines of text into tokens and tokens back into text.
+
+Two levels:
+
+* ``word``: the WikiText convention. A line is split on whitespace and ``<eos>`` is appended at its end, so
+  a line break is a token the model learns to predict. ``lowercase`` and ``strip_punctuation`` reproduce the
+  news-tutorial preprocessing.
+* ``char``: every character is a token and a line break is the token ``"\\n"``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import asdict, dataclass
+
+EOS = "<eos>"
+UNK = "<unk>"
+
+# Punctuation is replaced by a space rather than deleted, so "well-known" becomes two words, not "wellknown".
+# WikiText writes its own markers as " @-@ " etc.; stripping leaves their neighbours as separate words too.
+_PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]+")
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """How text becomes tokens; saved with every prepared corpus and every run.
+
+    Attributes:
+        level: ``"word"`` or ``"char"``.
+        lowercase: lowercase the text before splitting.
+        strip_punctuation: replace ASCII punctuation by spaces (word level only). The special tokens
+            ``<unk>`` and ``<eos>`` written in a corpus survive it.
+    """
+
+    level: str = "word"
+    lowercase: bool = False
+    strip_punctuation: bool = False
+
+    def __post_init__(self) -> None:
+        from neurallm.errors import ConfigError
+
+        if self.level not in ("word", "char"):
+            raise ConfigError(f"--level must be 'word' or 'char', got {self.level!r}")
+        if self.level == "char" and self.strip_punctuation:
+            raise ConfigError("--strip-punctuation applies to --level word only; drop it for --level char")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _strip_punctuation(line: str) -> str:
+    # Keep the corpus's own <unk> markers: stripping "<" and ">" would turn them into the word "unk".
+    parts = line.split(UNK)
+    return UNK.join(_PUNCTUATION.sub(" ", part) for part in parts)
+
+
+def tokenize_line(line: str, settings: TokenizerSettings) -> list[str]:
+    """Tokens of one line of text (without its line break), end-of-line token included."""
+    if settings.lowercase:
+        line = line.lower().replace(UNK.lower(), UNK)
+    if settings.level == "char":
+        return list(line) + ["\n"]
+    if settings.strip_punctuation:
+        line = _strip_punctuation(line)
+    return line.split() + [EOS]
+
+
+def detokenize(tokens: list[str], level: str) -> str:
+    """Text for a list of tokens: ``<eos>`` becomes a line break, words are joined by spaces."""
+    if level == "char":
+        return "".join(tokens)
+    out: list[str] = []
+    for token in tokens:
+        if token == EOS:
+            out.append("\n")
+        else:
+            if out and out[-1] != "\n":
+                out.append(" ")
+            out.append(token)
+    return "".join(out)

@@ -1,0 +1,87 @@
+"""The vocabulary: token ↔ id, built from the training split only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from neurallm.data.tokenizers import EOS, UNK
+from neurallm.errors import RunDirError
+
+
+@dataclass
+class Vocab:
+    """An ordered list of tokens; a token's id is its index.
+
+    ``<unk>`` is always present (id 0) so that any text can be encoded; at word level ``<eos>`` is id 1.
+    """
+
+    tokens: list[str]
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+        if len(self.index) != len(self.tokens):
+            raise RunDirError("the vocabulary lists a token twice; rebuild it with `neurallm prepare`")
+        if UNK not in self.index:
+            raise RunDirError(f"the vocabulary has no {UNK} token; rebuild it with `neurallm prepare`")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def unk_id(self) -> int:
+        return self.index[UNK]
+
+    def encode(self, tokens: Iterable[str]) -> tuple[list[int], int]:
+        """Ids of ``tokens`` and the number of tokens replaced by ``<unk>`` because they are not in the vocabulary."""
+        unk = self.unk_id
+        ids = [self.index.get(token, -1) for token in tokens]
+        unknown = sum(1 for i in ids if i < 0)
+        return ([unk if i < 0 else i for i in ids], unknown)
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    def id_dtype(self) -> np.dtype:
+        """Smallest unsigned integer type that holds every id."""
+        for dtype in (np.uint8, np.uint16, np.uint32):
+            if len(self.tokens) - 1 <= np.iinfo(dtype).max:
+                return np.dtype(dtype)
+        return np.dtype(np.uint64)
+
+    def to_json(self) -> str:
+        return json.dumps({"tokens": self.tokens}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path | str = "vocab.json") -> "Vocab":
+        try:
+            data = json.loads(text)
+            tokens = data["tokens"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{source} is not a neurallm vocabulary ({exc}); rebuild it with `neurallm prepare`") from exc
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise RunDirError(f"{source} must hold a list of strings under 'tokens'")
+        return cls(tokens)
+
+
+def build_vocab(counts: Counter, level: str, *, min_freq: int = 1, max_vocab: int | None = None) -> Vocab:
+    """Vocabulary from token counts of the training split.
+
+    Tokens are ordered by falling frequency, ties broken alphabetically so that the same corpus always gives
+    the same ids. ``min_freq`` drops rare tokens; ``max_vocab`` caps the size, specials included.
+    """
+    specials = [UNK, EOS] if level == "word" else [UNK]
+    ranked = sorted(
+        (t for t, c in counts.items() if c >= min_freq and t not in specials),
+        key=lambda t: (-counts[t], t),
+    )
+    tokens = specials + ranked
+    if max_vocab is not None:
+        tokens = tokens[:max_vocab]
+    return Vocab(tokens)

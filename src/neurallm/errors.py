@@ -1,0 +1,25 @@
+"""Errors a user can cause.
+
+Each one carries a message that names the file or flag at fault and says what to do about it. The CLI
+prints that message on one line and exits non-zero; `--debug` shows the traceback as well.
+"""
+
+
+class NeurallmError(Exception):
+    """Base class of every error caused by user input rather than by a bug."""
+
+
+class DataError(NeurallmError):
+    """A corpus, a data file or a dataset name that cannot be read as asked."""
+
+
+class ConfigError(NeurallmError):
+    """A setting (flag) that is out of range or conflicts with another one."""
+
+
+class RunDirError(NeurallmError):
+    """A run directory that is missing, incomplete, inconsistent or would be overwritten."""
+
+
+class TrainingError(NeurallmError):
+    """Training that cannot go on (for example repeated non-finite losses)."""

@@ -1,0 +1,132 @@
+"""Sampling text from a trained model, one token at a time, carrying the state.
+
+The prompt is run through the model once; then each new token is drawn from the model's probabilities
+(softmax of the logits divided by the temperature, optionally cut to the top k tokens or the smallest set
+whose probability reaches top p) and fed back with the state the previous step left. RNNs carry their
+hidden state; the Transformer keeps its keys and values in the same memory it uses across training windows,
+here as a KV cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
+whole prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neurallm.data.tokenizers import EOS, TokenizerSettings, detokenize, tokenize_line
+from neurallm.data.vocab import Vocab
+from neurallm.errors import ConfigError
+
+
+@dataclass
+class GenerationResult:
+    """Generated text and what happened to the prompt.
+
+    Attributes:
+        text: the prompt followed by the generated continuation (``<eos>`` written as a line break).
+        generated_tokens: the sampled tokens only.
+        prompt_tokens: the prompt's tokens as the model saw them.
+        prompt_unknown: prompt tokens not in the vocabulary (replaced by ``<unk>``).
+    """
+
+    text: str
+    generated_tokens: list[str]
+    prompt_tokens: list[str]
+    prompt_unknown: list[str]
+
+
+def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if tokens < 1:
+        raise ConfigError(f"--tokens must be at least 1, got {tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
+    """Draw one token id from ``logits`` ``(V,)``."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        cutoff = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_probs, dim=0) - sorted_probs >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    vocab: Vocab,
+    tokenizer: TokenizerSettings,
+    *,
+    prompt: str = "",
+    tokens: int = 1000,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 1111,
+    context: int = 512,
+) -> GenerationResult:
+    """Sample ``tokens`` tokens after ``prompt``.
+
+    Args:
+        model: a trained model (put in eval mode here).
+        vocab: the model's vocabulary.
+        tokenizer: the run's tokenizer settings (the prompt is tokenized the same way as the training text).
+        prompt: text to continue; empty starts at the beginning of a line.
+        tokens: number of tokens (words or characters) to generate.
+        temperature: divides the logits; 0 picks the most likely token every time.
+        top_k: sample among the k most likely tokens only.
+        top_p: sample among the most likely tokens whose probabilities add up to p.
+        seed: the same seed gives the same text.
+        context: Transformer KV-cache length in tokens (RNNs carry their whole history in their state).
+    """
+    _check(tokens, temperature, top_k, top_p)
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
+    if prompt_tokens and not prompt.endswith("\n"):
+        prompt_tokens = prompt_tokens[:-1]  # the prompt's last line is not finished: no end-of-line token
+    unknown = [t for t in prompt_tokens if t not in vocab.index]
+    start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
+    ids, _ = vocab.encode(start)
+
+    generator = torch.Generator().manual_seed(seed)
+    state = model.init_state(1, device)
+    forward_kwargs = {} if model.window_independent else {"keep": context}
+    # feed the prompt in slices of `context` so a long prompt never builds an unbounded attention window
+    step = max(1, context)
+    for first in range(0, len(ids), step):
+        chunk = torch.tensor(ids[first : first + step], device=device).view(-1, 1)
+        features, state = model(chunk, state, **forward_kwargs)
+    generated: list[int] = []
+    for _ in range(tokens):
+        logits = model.head.logits(features[-1, 0])
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)
+        generated.append(next_id)
+        features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
+    generated_tokens = vocab.decode(generated)
+    prompt_text = prompt if prompt_tokens else ""
+    text = prompt_text + _joiner(prompt_text, generated_tokens, tokenizer.level) + detokenize(generated_tokens, tokenizer.level)
+    return GenerationResult(text, generated_tokens, prompt_tokens, unknown)
+
+
+def _joiner(prompt_text: str, generated: list[str], level: str) -> str:
+    if level == "char" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
+        return ""
+    return " "

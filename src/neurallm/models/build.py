@@ -1,0 +1,18 @@
+"""Build the model a :class:`ModelConfig` describes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from neurallm.config import ModelConfig
+from neurallm.models.rnn import RNNLanguageModel
+from neurallm.models.transformer import TransformerLanguageModel
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """A freshly initialised model for ``config`` (``config.vocab_size`` must be set)."""
+    if config.vocab_size < 2:
+        raise ValueError("ModelConfig.vocab_size must be set from the vocabulary before building a model")
+    if config.model == "Transformer":
+        return TransformerLanguageModel(config)
+    return RNNLanguageModel(config)

@@ -1,0 +1,37 @@
+"""The output layer: features → log-probabilities over the vocabulary, and the loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SoftmaxHead(nn.Module):
+    """A full softmax over the vocabulary.
+
+    Args:
+        in_features: size of the features it reads.
+        vocab_size: number of tokens.
+        tied_weight: the embedding weight to share (weight tying), or None for a weight of its own.
+    """
+
+    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        if tied_weight is None:
+            self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-0.1, 0.1))
+        else:
+            self.weight = tied_weight
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight, self.bias)
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities ``(..., V)`` for features ``(..., D)``."""
+        return F.log_softmax(self.logits(features).float(), dim=-1)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood in nats of ``targets`` (any shape) given ``features`` (same shape + D)."""
+        logits = self.logits(features).float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
