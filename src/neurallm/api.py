@@ -89,13 +89,16 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     train_settings = _split_kwargs(TrainConfig, settings)
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
-    ckpt.prepare_new_run_dir(out, force) if not (out.exists() and not any(out.iterdir())) else None
+    pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
+    ckpt.prepare_new_run_dir(out, force) if not (out.is_dir() and not any(out.iterdir())) else None
     prepared, source, tokenizer, vocab_settings = open_training_data(data, settings, log)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
+    # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
+    # run: a setting that fails here must leave no half-made run that blocks the corrected command.
+    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_run_files(out, config, prepared.vocab)
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
     log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
     return trainer.run()
@@ -107,6 +110,9 @@ RESUME_MUTABLE = {"epochs", "max_time"}
 
 def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> TrainResult:
     config = ckpt.read_run_config(out)
+    if not (out / ckpt.LAST_FILE).is_file():
+        raise ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE}: it stopped before its first checkpoint, so there is nothing "
+                               f"to resume; start it again with `neurallm train --out {out} --force ...`")
     saved = {**config.source.to_dict(), **config.tokenizer.to_dict(), **config.vocab.__dict__,
              **config.model.to_dict(), **config.train.to_dict()}
     for key, value in settings.items():
@@ -117,8 +123,9 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
         if isinstance(saved[key], tuple):
             value = tuple(value)
         if value != saved[key]:
+            flag = "--context" if key == "eval_context" else f"--{key.replace('_', '-')}"
             raise ConfigError(
-                f"--{key.replace('_', '-')} {value} differs from the run's {saved[key]}; --resume continues a run with "
+                f"{flag} {value} differs from the run's {saved[key]}; --resume continues a run with "
                 "its own settings (only --epochs and --max-time may change): drop the flag or start a new --out"
             )
     if data is not None and str(data) != config.source.data:

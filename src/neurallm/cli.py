@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4, help="burn-in of the exact layout in the --eval view (default 4)")
 
     sub.add_parser("datasets", help="list the registered datasets and where each is found")
+    for command_parser in sub.choices.values():
+        # `neurallm train --debug …` works as well as `neurallm --debug train …`; SUPPRESS leaves the top-level
+        # value alone when the flag is not repeated after the subcommand.
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 

@@ -88,7 +88,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def default_context(model: nn.Module, bptt: int) -> int:
-    return DEFAULT_STATEFUL_CONTEXT if model.carries_state else bptt // 2
+    """History per scored token when ``--context`` is not given.
+
+    A Transformer with memory sees at most ``memory + bptt`` positions back per layer, so
+    ``nlayers · (memory + bptt)`` tokens of burn-in reproduce exactly what batch size 1 computes.
+    """
+    if not model.carries_state:
+        return bptt // 2
+    if model.window_independent:
+        return DEFAULT_STATEFUL_CONTEXT
+    return max(DEFAULT_STATEFUL_CONTEXT, model.config.nlayers * (model.config.memory + bptt))
 
 
 @torch.no_grad()
@@ -116,8 +125,12 @@ def evaluate(
         raise ConfigError(f"--context must be 0 or more, got {context}")
     started = time.perf_counter()
     if model.carries_state:
-        columns = plan_eval_columns(len(ids), batch_size, context)
-        window = max(bptt, RNN_EVAL_WINDOW) if model.window_independent else bptt
+        if model.window_independent:
+            window = max(bptt, RNN_EVAL_WINDOW)
+            columns = plan_eval_columns(len(ids), batch_size, context)
+        else:
+            window = bptt
+            columns = plan_eval_columns(len(ids), batch_size, context, align=bptt)
         total, count = _run_columns(model, ids, columns, window)
     else:
         stride = max(1, bptt - context)

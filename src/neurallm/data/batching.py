@@ -146,7 +146,7 @@ class EvalColumn:
         return self.score_stop - 1 - self.start
 
 
-def plan_eval_columns(n_tokens: int, n_columns: int, context: int) -> list[EvalColumn]:
+def plan_eval_columns(n_tokens: int, n_columns: int, context: int, align: int = 1) -> list[EvalColumn]:
     """Cut the targets of an ``n_tokens`` stream into ``n_columns`` contiguous parts, each with a burn-in.
 
     Every token after the first is a target of exactly one column, so nothing is trimmed; the columns differ
@@ -158,6 +158,9 @@ def plan_eval_columns(n_tokens: int, n_columns: int, context: int) -> list[EvalC
         column 1: run f g h..m    score i..n   (f g run as burn-in, not scored)
         column 2: run l m n..s    score o..t
         column 3: run r s t..y    score u..z
+
+    ``align`` moves each start back to a multiple of ``align``: a model whose output depends on where its
+    windows begin (the Transformer with memory) then cuts every column into the same windows as batch size 1.
     """
     n_targets = n_tokens - 1
     if n_targets < 1:
@@ -168,7 +171,8 @@ def plan_eval_columns(n_tokens: int, n_columns: int, context: int) -> list[EvalC
     first_target = 1
     for j in range(n_columns):
         size = base + (1 if j < extra else 0)
-        columns.append(EvalColumn(max(0, first_target - 1 - context), first_target, first_target + size))
+        start = max(0, first_target - 1 - context) // align * align
+        columns.append(EvalColumn(start, first_target, first_target + size))
         first_target += size
     return columns
 

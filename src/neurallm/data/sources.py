@@ -140,13 +140,16 @@ def _detect_format(data: str) -> str:
         if suffix in (".jsonl", ".ndjson"):
             return "jsonl"
         return "text"
-    if registry.is_registered(data):
+    # a registered name, or the name of a folder in the data folders (``--data wt2-lite`` finds ../shared/data/wt2-lite)
+    if registry.is_registered(data) or registry.find_local(data) is not None:
         return "registry"
     return "text"  # does not exist: open_corpus reports it
 
 
 def _open_registered(settings: SourceSettings) -> Corpus:
     spec = registry.DATASETS.get(settings.data)
+    if spec is None and (local := registry.find_local(settings.data)) is not None:
+        return _open_folder(local, settings)
     if spec is None:
         raise DataError(f"--data {settings.data}: not a registered dataset; known: {', '.join(sorted(registry.DATASETS))}")
     folder = registry.resolve_dataset(settings.data)
@@ -278,6 +281,8 @@ def _read_jsonl(path: Path, field_name: str, encoding: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {line_number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            except RecursionError:  # json's decoder recurses once per nesting level
+                raise DataError(f"{path}, line {line_number}: JSON nested too deeply to read; each line must be one JSON object") from None
             if not isinstance(record, dict) or field_name not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"--text-field {field_name}: not in {path} line {line_number}; it has: {keys}")

@@ -20,6 +20,7 @@ UNK = "<unk>"
 # Punctuation is replaced by a space rather than deleted, so "well-known" becomes two words, not "wellknown".
 # WikiText writes its own markers as " @-@ " etc.; stripping leaves their neighbours as separate words too.
 _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]+")
+_MARKERS = re.compile(f"({re.escape(UNK)}|{re.escape(EOS)})")
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,15 @@ class TokenizerSettings:
 
 
 def _strip_punctuation(line: str) -> str:
-    # Keep the corpus's own <unk> markers: stripping "<" and ">" would turn them into the word "unk".
-    parts = line.split(UNK)
-    return UNK.join(_PUNCTUATION.sub(" ", part) for part in parts)
+    # Keep the corpus's own <unk> and <eos> markers: stripping "<" and ">" would turn them into the words "unk", "eos".
+    parts = _MARKERS.split(line)  # the markers themselves sit at the odd positions
+    return "".join(part if i % 2 else _PUNCTUATION.sub(" ", part) for i, part in enumerate(parts))
 
 
 def tokenize_line(line: str, settings: TokenizerSettings) -> list[str]:
     """Tokens of one line of text (without its line break), end-of-line token included."""
     if settings.lowercase:
-        line = line.lower().replace(UNK.lower(), UNK)
+        line = line.lower()
     if settings.level == "char":
         return list(line) + ["\n"]
     if settings.strip_punctuation:

@@ -63,7 +63,7 @@ class Vocab:
         try:
             data = json.loads(text)
             tokens = data["tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
             raise RunDirError(f"{source} is not a neurallm vocabulary ({exc}); rebuild it with `neurallm prepare`") from exc
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise RunDirError(f"{source} must hold a list of strings under 'tokens'")

@@ -52,8 +52,10 @@ def prepare_new_run_dir(folder: Path, force: bool) -> None:
         raise RunDirError(f"--out {folder} is a file; name a folder for the run")
     if folder.is_dir() and any(folder.iterdir()):
         if not force:
-            hint = "--resume to continue it or " if is_run_dir(folder) else ""
-            raise RunDirError(f"--out {folder} already exists and is not empty; use {hint}--force to replace it")
+            if not is_run_dir(folder) and not (folder / LAST_FILE).exists():
+                # not "use --force": --force refuses such a folder (below)
+                raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; name a new or empty folder for the run")
+            raise RunDirError(f"--out {folder} already exists and is not empty; use --resume to continue it or --force to replace it")
         if not is_run_dir(folder) and not (folder / LAST_FILE).exists():
             # --force replaces runs, not arbitrary folders a typo could point at (a home directory, say).
             raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; refusing to delete it even with --force")

@@ -123,6 +123,8 @@ class Trainer:
         self.elapsed = 0.0  # seconds of training over all resumes
         self.faults = 0
         self.metrics: list[dict] = []
+        # train loss of the current epoch so far: saved mid-epoch so a resumed epoch reports the whole epoch's mean
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
         self.state = self._cold_state()
 
     def _cold_state(self) -> tuple[torch.Tensor, ...]:
@@ -140,6 +142,7 @@ class Trainer:
             "window": self.window,
             "elapsed": self.elapsed,
             "faults": self.faults,
+            "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_count],
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
             "rng": rng_json,
@@ -168,6 +171,7 @@ class Trainer:
             )
         self.epoch, self.window, self.elapsed = info["epoch"], info["window"], info["elapsed"]
         self.faults = info.get("faults", 0)
+        self.epoch_loss_sum, self.epoch_loss_count = info.get("epoch_loss", [0.0, 0])
         saved = Schedule.from_dict(info["schedule"])
         # --epochs may have been raised: the cosine schedule stretches to the new end
         saved.total_steps = self.config.train.epochs * len(self.batches)
@@ -197,10 +201,10 @@ class Trainer:
             return None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if train.clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip)
-            if not torch.isfinite(grad_norm):
-                return None
+        # --clip 0 turns clipping off (an infinite bound scales by exactly 1), not the check for a non-finite gradient
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip if train.clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            return None
         self.optimizer.step()
         self.schedule.after_step()
         self.state = new_state
@@ -248,9 +252,9 @@ class Trainer:
         self.model.train()
         if self.window == 0:
             self.state = self._cold_state()
+            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
         epoch_started, last_save = time.perf_counter(), time.perf_counter()
         tokens = 0
-        loss_sum, loss_count = 0.0, 0
         stopped_by = "epochs"
         bar = tqdm(total=len(self.batches), initial=self.window, desc=f"epoch {self.epoch + 1}/{train.epochs}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
@@ -264,10 +268,10 @@ class Trainer:
             step_seconds = time.perf_counter() - step_started
             self.elapsed += step_seconds
             tokens += inputs.numel()
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
             bar.update(1)
             if self.window % train.log_interval == 0 or self.window == len(self.batches):
-                mean = loss_sum / loss_count
+                mean = self.epoch_loss_sum / self.epoch_loss_count
                 rate = tokens / max(1e-9, time.perf_counter() - epoch_started)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
             if stop.requested:
@@ -293,7 +297,7 @@ class Trainer:
         record = {
             "epoch": self.epoch if epoch_done else self.epoch + 1,
             "complete": epoch_done,
-            "train_loss": loss_sum / max(1, loss_count),
+            "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
             "valid_loss": valid.loss,
             "valid_ppl": valid.ppl,
             "lr": self.schedule.lr,

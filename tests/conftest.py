@@ -1,0 +1,58 @@
+"""Shared fixtures: the read-only corpora beside the repository and small synthetic corpora."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Prepared corpora go to a temp cache, never to the user's ~/.cache."""
+    os.environ["NEURALLM_CACHE"] = str(tmp_path_factory.mktemp("neurallm-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; more threads only spin against each other on a small machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wt2-lite" / "train.txt").is_file():
+        pytest.skip(f"corpora not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def write_patterned_corpus(folder: Path, *, lines: int = 300, seed: int = 0) -> Path:
+    """A word corpus with learnable structure (fixed phrases), split into train/valid/test files."""
+    rng = random.Random(seed)
+    phrases = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song",
+               "we read the book today", "the sun is hot and bright"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", lines), ("valid", lines // 5), ("test", lines // 5)):
+        text = "\n".join(" ".join(rng.choice(phrases) for _ in range(2)) for _ in range(n)) + "\n"
+        (folder / f"{split}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    return write_patterned_corpus(tmp_path / "tiny")
+
+
+TINY_MODEL = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0, batch_size=4, bptt=8, epochs=1, lr=2.0,
+                  eval_batch_size=2, seed=7)

@@ -1,0 +1,269 @@
+"""Every user mistake gets one line on stderr that names the file or flag, a non-zero exit and no traceback.
+
+The table below is the list of mistakes covered; each row is ``(id, argv, setup, expected)``:
+
+* ``argv`` may contain ``{tmp}`` (a fresh folder) and ``{run}`` (a trained word-level run);
+* ``setup(tmp)`` writes the files the case needs;
+* ``expected`` is a substring of the one error line: the flag or file at fault, or the fix.
+
+Mistakes argparse itself catches (``--bptt abc``, an unknown subcommand) print its usage line too and exit 2;
+they are checked separately at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neurallm
+from conftest import TINY_MODEL, write_patterned_corpus
+from neurallm.cli import main
+from neurallm.data.stream import load_prepared
+
+# --- setups: each writes what one case needs under tmp ------------------------------------------------------
+
+
+def _corpus(tmp: Path) -> None:
+    write_patterned_corpus(tmp / "corpus", lines=60)
+
+
+def _two_splits(tmp: Path) -> None:
+    write_patterned_corpus(tmp / "partial", lines=60)
+    (tmp / "partial" / "test.txt").unlink()
+
+
+def _empty_file(tmp: Path) -> None:
+    (tmp / "empty.txt").write_bytes(b"")
+
+
+def _binary_file(tmp: Path) -> None:
+    (tmp / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary\x00\x01\x02" * 50)
+
+
+def _latin1_file(tmp: Path) -> None:
+    (tmp / "latin1.txt").write_bytes("le café est très bon\n".encode("latin-1") * 60)
+
+
+def _csv_file(tmp: Path) -> None:
+    with open(tmp / "news.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["title", "text"])
+        writer.writerows([f"title {i}", f"the text of row {i}"] for i in range(60))
+
+
+def _csv_short_row(tmp: Path) -> None:
+    (tmp / "short.csv").write_text("title,text\na,b\nonly-one-field\n" + "c,d\n" * 60, encoding="utf-8")
+
+
+def _jsonl_file(tmp: Path) -> None:
+    (tmp / "docs.jsonl").write_text("".join(f'{{"body": "text number {i}"}}\n' for i in range(60)), encoding="utf-8")
+
+
+def _jsonl_bad_line(tmp: Path) -> None:
+    (tmp / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": oops}\n' + '{"text": "x"}\n' * 60, encoding="utf-8")
+
+
+def _stray_folder(tmp: Path) -> None:
+    _corpus(tmp)
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "todo.txt").write_text("my notes\n", encoding="utf-8")
+
+
+def _plain_folder(tmp: Path) -> None:
+    (tmp / "plain").mkdir()
+    (tmp / "plain" / "readme.txt").write_text("not a run\n", encoding="utf-8")
+
+
+def _out_is_file(tmp: Path) -> None:
+    _corpus(tmp)
+    (tmp / "run.txt").write_text("a file\n", encoding="utf-8")
+
+
+def _char_prepared(tmp: Path) -> None:
+    _corpus(tmp)
+    neurallm.prepare(tmp / "corpus", tmp / "char-prepared", level="char", log=lambda message: None)
+
+
+def train_on(data: str, *flags: str, out: str = "{tmp}/run") -> list[str]:
+    return ["train", "--data", f"{{tmp}}/{data}", "--out", out, *flags]
+
+
+TRAIN = train_on("corpus", "--no-progress", "--epochs", "1")
+
+# (id, argv, setup, expected substring of the error line)
+CASES = [
+    # paths and files
+    ("data-missing", train_on("nope.txt"), None, "nope.txt: no such file or folder"),
+    ("data-not-given", ["train", "--out", "{tmp}/run"], None, "train needs --data"),
+    ("folder-missing-split", train_on("partial"), _two_splits, "no test split; expected files named like test.txt"),
+    ("folder-lists-files-found", train_on("partial"), _two_splits, "found: train.txt, valid.txt"),
+    ("empty-file", train_on("empty.txt"), _empty_file, "empty.txt is empty"),
+    ("binary-file", train_on("blob.txt"), _binary_file, "blob.txt looks binary"),
+    ("non-utf8-file", train_on("latin1.txt"), _latin1_file, "latin1.txt is not valid utf-8"),
+    ("non-utf8-names-fix", train_on("latin1.txt"), _latin1_file, "--encoding latin-1"),
+    ("unknown-encoding", TRAIN + ["--encoding", "klingon"], _corpus, "--encoding 'klingon' is not a known text encoding"),
+    ("format-file-on-folder", TRAIN + ["--format", "csv"], _corpus, "is a folder but --format csv expects a file"),
+    # CSV and JSONL
+    ("csv-no-text-column", train_on("news.csv"), _csv_file, "is a CSV: name the text columns with --text-column"),
+    ("csv-missing-column", train_on("news.csv", "--text-column", "body"), _csv_file, "--text-column body: not in"),
+    ("csv-lists-columns", train_on("news.csv", "--text-column", "body"), _csv_file, "its columns are: title, text"),
+    ("csv-short-row", train_on("short.csv", "--text-column", "text"), _csv_short_row, "short.csv, row 3: has 1 fields"),
+    ("jsonl-no-text-field", train_on("docs.jsonl"), _jsonl_file,
+     "is JSONL: name the key holding the text with --text-field"),
+    ("jsonl-missing-field", train_on("docs.jsonl", "--text-field", "text"), _jsonl_file, "--text-field text: not in"),
+    ("jsonl-bad-line", train_on("bad.jsonl", "--text-field", "text"), _jsonl_bad_line,
+     "bad.jsonl, line 3: not valid JSON"),
+    # out-of-range flags
+    ("bptt-0", TRAIN + ["--bptt", "0"], _corpus, "--bptt must be at least 1"),
+    ("batch-size-0", TRAIN + ["--batch-size", "0"], _corpus, "--batch-size must be at least 1"),
+    ("batch-size-too-big", TRAIN + ["--batch-size", "100000"], _corpus, "--batch-size 100000 leaves fewer than 2 tokens"),
+    ("lr-negative", TRAIN + ["--lr", "-1"], _corpus, "--lr must be positive"),
+    ("dropout-1.5", TRAIN + ["--dropout", "1.5"], _corpus, "--dropout must be in [0, 1)"),
+    ("epochs-0", TRAIN + ["--epochs", "0"], _corpus, "--epochs must be at least 1"),
+    ("max-time-0", TRAIN + ["--max-time", "0"], _corpus, "--max-time must be positive"),
+    ("min-freq-0", TRAIN + ["--min-freq", "0"], _corpus, "--min-freq must be at least 1"),
+    ("max-vocab-2", TRAIN + ["--max-vocab", "2"], _corpus, "--max-vocab must be at least 3"),
+    ("unknown-model", TRAIN + ["--model", "LSTMX"], _corpus, "--model must be one of"),
+    ("split-ratios", train_on("latin1.txt", "--split-ratios", "0.5,0.5,0.5"), _latin1_file,
+     "--split-ratios must be three positive fractions that sum to 1"),
+    # incompatible flags
+    ("tied-sizes", TRAIN + ["--tied", "--emsize", "10", "--nhid", "12"], _corpus, "--tied needs --emsize equal to --nhid"),
+    ("memory-lstm", TRAIN + ["--memory", "4"], _corpus, "--memory applies to --model Transformer only"),
+    ("nhead-divides", TRAIN + ["--model", "Transformer", "--emsize", "10", "--nhead", "3"], _corpus,
+     "--emsize 10 must be divisible by --nhead 3"),
+    ("strip-punct-char", TRAIN + ["--level", "char", "--strip-punctuation"], _corpus, "--strip-punctuation applies to --level word only"),
+    ("resume-and-force", ["train", "--out", "{run}", "--resume", "--force"], None, "--resume and --force contradict each other"),
+    ("resume-changed-flag", ["train", "--out", "{run}", "--resume", "--lr", "5"], None, "--lr 5.0 differs from the run's"),
+    ("resume-changed-context", ["train", "--out", "{run}", "--resume", "--context", "3"], None, "--context 3 differs from the run's"),
+    ("resume-not-a-run", ["train", "--out", "{tmp}/plain", "--resume"], _plain_folder, "is not a neurallm run directory"),
+    ("prepared-data-with-level", train_on("char-prepared", "--level", "word"), _char_prepared,
+     "is already prepared; its tokenizer and reading settings are fixed, so drop --level"),
+    # run directories
+    ("out-is-run", train_on("corpus", out="{run}"), _corpus, "use --resume to continue it or --force to replace it"),
+    ("out-not-empty", train_on("corpus", out="{tmp}/notes"), _stray_folder, "is a non-empty folder that is not a neurallm run"),
+    ("force-refuses-foreign-folder", train_on("corpus", "--force", out="{tmp}/notes"), _stray_folder, "refusing to delete it even with --force"),
+    ("out-is-file", train_on("corpus", out="{tmp}/run.txt"), _out_is_file, "is a file; name a folder for the run"),
+    ("eval-not-a-run", ["eval", "{tmp}/plain"], _plain_folder, "is not a neurallm run directory (no config.json)"),
+    ("eval-missing-run", ["eval", "{tmp}/no-such-run"], None, "no-such-run: no such run directory"),
+    ("eval-other-tokenization", ["eval", "{run}", "--data", "{tmp}/char-prepared"], _char_prepared,
+     "was prepared with another tokenization or vocabulary"),
+    ("eval-batch-size-0", ["eval", "{run}", "--batch-size", "0"], None, "--batch-size must be at least 1"),
+    ("eval-context-negative", ["eval", "{run}", "--context", "-1"], None, "--context must be 0 or more"),
+    ("generate-not-a-run", ["generate", "{tmp}/plain"], _plain_folder, "is not a neurallm run directory"),
+    ("generate-tokens-0", ["generate", "{run}", "--tokens", "0"], None, "--tokens must be at least 1"),
+    ("generate-top-p-2", ["generate", "{run}", "--top-p", "2"], None, "--top-p must be in (0, 1]"),
+    ("generate-top-k-0", ["generate", "{run}", "--top-k", "0"], None, "--top-k must be at least 1"),
+    ("generate-temperature", ["generate", "{run}", "--temperature", "-1"], None, "--temperature must be 0 (greedy) or positive"),
+    ("explain-range-descending", ["explain", "--range", "5..1"], None, "--range '5..1' is not of the form FIRST..LAST"),
+    ("explain-text-and-range", ["explain", "--range", "1..4", "--text", "a b"], None, "give exactly one of --text"),
+]
+CPU_ONLY_CASES = [
+    ("train-device-cuda", TRAIN + ["--device", "cuda"], _corpus, "--device cuda: no CUDA GPU is visible"),
+    ("eval-device-cuda", ["eval", "{run}", "--device", "cuda"], None, "--device cuda: no CUDA GPU is visible"),
+]
+if not torch.cuda.is_available():
+    CASES += CPU_ONLY_CASES
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory) -> Path:
+    """A trained word-level run (one tiny epoch) that the eval/generate/resume cases point at."""
+    root = tmp_path_factory.mktemp("bad-input-run")
+    corpus = write_patterned_corpus(root / "corpus", lines=60)
+    neurallm.train(corpus, root / "run", log=lambda message: None, **{**TINY_MODEL, "eval_context": 8})
+    return root / "run"
+
+
+def _argv(argv: list[str], tmp: Path, run: Path) -> list[str]:
+    return [a.format(tmp=tmp, run=run) for a in argv]
+
+
+@pytest.mark.parametrize("argv, setup, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_run, capsys):
+    if setup is not None:
+        setup(tmp_path)
+    code = main(_argv(argv, tmp_path, word_run))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"neurallm {argv[0]}: error: ")
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_case_ids_are_unique():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+def test_a_failed_start_leaves_no_run_that_blocks_the_corrected_command(tmp_path, capsys):
+    _corpus(tmp_path)
+    assert main(_argv(TRAIN + ["--batch-size", "100000"], tmp_path, tmp_path)) == 1
+    assert not (tmp_path / "run" / "config.json").exists()
+    assert main(_argv(TRAIN + ["--emsize", "8", "--nhid", "8", "--nlayers", "1", "--bptt", "8", "--batch-size", "4",
+                               "--eval-batch-size", "2", "--context", "8"], tmp_path, tmp_path)) == 0
+
+
+def test_encoding_flag_reads_what_strict_utf8_refuses(tmp_path, capsys):
+    _latin1_file(tmp_path)
+    assert main(["prepare", "--data", str(tmp_path / "latin1.txt")]) == 1
+    assert main(["prepare", "--data", str(tmp_path / "latin1.txt"), "--encoding", "latin-1", "--out", str(tmp_path / "p")]) == 0
+    vocab = load_prepared(tmp_path / "p").vocab
+    assert "café" in vocab.index and "très" in vocab.index
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "neurallm", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
+    _latin1_file(tmp_path)
+    for argv, expected in (
+        (["train", "--data", "latin1.txt", "--out", "run"], "latin1.txt is not valid utf-8"),
+        (["eval", "no-such-run"], "no-such-run: no such run directory"),
+        (["train", "--data", "latin1.txt", "--out", "run", "--lr", "-1"], "--lr must be positive"),
+    ):
+        result = _cli(*argv, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--debug", "explain", "--range", "5..1"], ["explain", "--debug", "--range", "5..1"]],
+                         ids=["before-subcommand", "after-subcommand"])
+def test_debug_shows_the_traceback(argv, tmp_path):
+    result = _cli(*argv, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "ConfigError: --range '5..1'" in result.stderr
+
+
+def test_debug_after_subcommand_does_not_hide_the_top_level_flag():
+    from neurallm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--debug", "explain", "--range", "1..3"]).debug is True
+    assert parser.parse_args(["explain", "--debug", "--range", "1..3"]).debug is True
+    assert parser.parse_args(["explain", "--range", "1..3"]).debug is False
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--out", "x", "--bptt", "abc"], "--bptt: invalid int value"),
+    (["train", "--out", "x", "--optimizer", "adam"], "--optimizer: invalid choice"),
+    (["eval", "x", "--compare-batch-sizes", "0,5"], "batch sizes must be positive integers"),
+    (["frobnicate"], "invalid choice"),
+], ids=["type", "choice", "batch-size-list", "subcommand"])
+def test_argparse_mistakes_exit_2_with_usage_and_one_error_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.splitlines()[-1].startswith("neurallm") and expected in err.splitlines()[-1]
+    assert "Traceback" not in err

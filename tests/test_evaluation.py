@@ -1,0 +1,155 @@
+"""Exact evaluation: every token after the first scored once, the same perplexity for every batch size.
+
+The naive method (the PyTorch example's) is kept and pinned too, so the effect it has stays reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import neurallm
+from neurallm.cli import main
+from neurallm.config import ModelConfig
+from neurallm.evaluation import evaluate, evaluate_naive
+from neurallm.models import build_model
+from conftest import TINY_MODEL
+
+TOLERANCE = 0.0005  # 0.05 %, the promise made to users
+
+
+def relative_gap(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+@pytest.fixture(scope="module")
+def trained_lstm(tmp_path_factory):
+    from conftest import write_patterned_corpus
+
+    folder = tmp_path_factory.mktemp("eval")
+    corpus = write_patterned_corpus(folder / "corpus", lines=400)
+    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, log=lambda m: None, **TINY_MODEL)
+    run = neurallm.load_run(folder / "run")
+    return run, run.eval_data().ids("test")
+
+
+def random_model(kind: str, vocab_size: int = 30, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    settings = dict(model=kind, vocab_size=vocab_size, emsize=16, nhid=32, nlayers=2, dropout=0.0, nhead=2)
+    settings.update(overrides)
+    return build_model(ModelConfig(**settings)).eval()
+
+
+def test_origin_example_naive_layouts_score_different_tokens_exact_scores_all():
+    """The numbers 1..40 as 5×8 and 6×6 batches: the naive method scores 32 and 30 tokens, exact 39."""
+    ids = np.arange(40) % 30
+    model = random_model("LSTM")
+    assert evaluate_naive(model, ids, batch_size=8, bptt=4).tokens == (5 - 1) * 8
+    assert evaluate_naive(model, ids, batch_size=6, bptt=4).tokens == (6 - 1) * 6
+    for batch_size in (1, 6, 8):
+        assert evaluate(model, ids, batch_size=batch_size, bptt=4).tokens == 39
+
+
+def test_batch_size_one_is_reading_the_text_in_order(trained_lstm):
+    run, ids = trained_lstm
+    model = run.model
+    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(-1, 1)
+    with torch.no_grad():
+        features, _ = model(stream[:-1], model.init_state(1))
+        reference = model.head.loss(features, stream[1:]).item()
+    result = evaluate(model, ids, batch_size=1, bptt=8)
+    assert result.tokens == len(ids) - 1
+    assert result.loss == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [3, 10, 40])
+def test_exact_perplexity_does_not_depend_on_batch_size(trained_lstm, batch_size):
+    run, ids = trained_lstm
+    one = evaluate(run.model, ids, batch_size=1, bptt=8)
+    many = evaluate(run.model, ids, batch_size=batch_size, bptt=8)
+    assert many.tokens == one.tokens == len(ids) - 1
+    assert relative_gap(many.ppl, one.ppl) < TOLERANCE
+
+
+def test_naive_perplexity_changes_with_batch_size(trained_lstm):
+    run, ids = trained_lstm
+    one = evaluate_naive(run.model, ids, batch_size=1, bptt=8)
+    many = evaluate_naive(run.model, ids, batch_size=40, bptt=8)
+    assert many.tokens < one.tokens  # the tail is trimmed
+    assert relative_gap(many.ppl, one.ppl) > 10 * TOLERANCE  # cold starts show
+
+
+def test_burn_in_is_what_makes_the_columns_agree(trained_lstm):
+    run, ids = trained_lstm
+    one = evaluate(run.model, ids, batch_size=1, bptt=8)
+    cold = evaluate(run.model, ids, batch_size=40, bptt=8, context=0)
+    assert cold.tokens == one.tokens
+    assert relative_gap(cold.ppl, one.ppl) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("batch_size", [4, 10])
+def test_transformer_with_memory_gives_the_same_perplexity_for_every_batch_size(batch_size):
+    ids = np.random.default_rng(0).integers(0, 30, 700)
+    model = random_model("Transformer", memory=12)
+    one = evaluate(model, ids, batch_size=1, bptt=10)
+    many = evaluate(model, ids, batch_size=batch_size, bptt=10)
+    assert many.tokens == one.tokens == 699
+    assert relative_gap(many.ppl, one.ppl) < 1e-5
+
+
+def test_transformer_memory_changes_what_is_computed():
+    """Evaluated with its memory, a Transformer-XL gives another result than the same weights without it."""
+    ids = np.random.default_rng(1).integers(0, 30, 400)
+    with_memory = random_model("Transformer", memory=12)
+    without = random_model("Transformer", memory=0)
+    without.load_state_dict(with_memory.state_dict())
+    gap = relative_gap(evaluate(with_memory, ids, bptt=10).ppl, evaluate(without, ids, bptt=10, context=0).ppl)
+    assert gap > 1e-4
+
+
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_transformer_without_memory_uses_sliding_windows_independent_of_batch_size(batch_size):
+    ids = np.random.default_rng(2).integers(0, 30, 500)
+    model = random_model("Transformer")
+    one = evaluate(model, ids, batch_size=1, bptt=16)
+    many = evaluate(model, ids, batch_size=batch_size, bptt=16)
+    assert one.context == 8 and many.tokens == one.tokens == 499
+    assert relative_gap(many.ppl, one.ppl) < 1e-5
+
+
+def test_eval_cli_compares_naive_and_exact_for_several_batch_sizes(trained_lstm, capsys):
+    run, ids = trained_lstm
+    assert main(["eval", str(run.folder), "--compare-batch-sizes", "1,4,20", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in rows] == [1, 4, 20]
+    assert {r["exact_tokens"] for r in rows} == {len(ids) - 1}
+    assert rows[2]["naive_tokens"] < rows[0]["naive_tokens"]
+    exact = [r["exact_ppl"] for r in rows]
+    assert max(exact) / min(exact) - 1 < TOLERANCE
+    assert main(["eval", str(run.folder), "--compare-batch-sizes", "1,4"]) == 0
+    table = capsys.readouterr().out
+    assert "naive ppl" in table and "exact ppl" in table and "exact tokens" in table
+
+
+def test_eval_cli_naive_flag_and_json_keys(trained_lstm, capsys):
+    run, ids = trained_lstm
+    assert main(["eval", str(run.folder), "--split", "test", "--batch-size", "20", "--naive", "--json"]) == 0
+    naive = json.loads(capsys.readouterr().out)
+    assert naive["method"] == "naive" and naive["tokens"] < len(ids) - 1
+    assert main(["eval", str(run.folder), "--split", "test", "--batch-size", "20", "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert {"loss", "ppl", "tokens"} <= exact.keys()
+    assert exact["tokens"] == len(ids) - 1 and math.isclose(exact["ppl"], math.exp(exact["loss"]))
+
+
+def test_explain_cli_shows_training_windows_and_the_evaluation_view(capsys):
+    assert main(["explain", "--text", "a b c d e f g h i j k l m n o p q r s t u v w x y z"]) == 0
+    training = capsys.readouterr().out
+    assert "┌ a g m s ┐" in training and "y z" in training
+    assert main(["explain", "--range", "1..40", "--eval"]) == 0
+    evaluation = capsys.readouterr().out
+    assert "37 38 39 40" in evaluation and "39 of 40" in evaluation

@@ -1,0 +1,222 @@
+"""Generation: seeded sampling, the state carried token to token, greedy limits of top-k/top-p, the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neurallm import generation
+from neurallm.config import ModelConfig
+from neurallm.data.batching import ContiguousBatches, batchify
+from neurallm.data.tokenizers import EOS, UNK, TokenizerSettings
+from neurallm.data.vocab import Vocab
+from neurallm.errors import ConfigError
+from neurallm.generation import generate, sample_next
+from neurallm.models import build_model
+from neurallm.training.loop import detach_state
+
+WORD = TokenizerSettings()
+CYCLE = ["one", "two", "three", "four", "five", EOS]
+VOCAB = Vocab([UNK, EOS, "one", "two", "three", "four", "five", "six", "seven"])
+
+
+def _model(model: str = "LSTM", seed: int = 0, **settings) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    base = dict(model=model, vocab_size=len(VOCAB), emsize=16, nhid=16, nlayers=1, dropout=0.0)
+    return build_model(ModelConfig(**{**base, **settings})).eval()
+
+
+def _train_on_the_cycle(model: torch.nn.Module, steps: int = 80) -> torch.nn.Module:
+    """Teach ``model`` the line "one two three four five" repeated forever."""
+    ids, _ = VOCAB.encode(CYCLE * 100)
+    batches = ContiguousBatches(batchify(torch.tensor(ids), 4), bptt=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    model.train()
+    state = model.init_state(4)
+    for step in range(steps):
+        for inputs, targets in batches.epoch(step):
+            state = detach_state(state) if model.carries_state else model.init_state(4)
+            features, state = model(inputs, state)
+            loss = model.head.loss(features, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if loss.item() < 0.02:
+            break
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cycle_lstm() -> torch.nn.Module:
+    return _train_on_the_cycle(_model("LSTM"))
+
+
+# --- seeds -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["LSTM", "Transformer"])
+def test_the_same_seed_gives_the_same_text_and_another_seed_another_text(model):
+    net = _model(model)
+    first = generate(net, VOCAB, WORD, tokens=40, seed=3)
+    again = generate(net, VOCAB, WORD, tokens=40, seed=3)
+    other = generate(net, VOCAB, WORD, tokens=40, seed=4)
+    assert first.text == again.text
+    assert first.generated_tokens != other.generated_tokens
+    assert len(first.generated_tokens) == 40
+
+
+def test_generation_does_not_touch_the_global_random_state():
+    net = _model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate(net, VOCAB, WORD, tokens=10, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --- the state is carried token to token ------------------------------------------------------------------
+
+
+def test_an_rnn_samples_exactly_as_a_loop_that_carries_its_state():
+    net = _model("GRU", seed=5)
+    result = generate(net, VOCAB, WORD, prompt="one two three", tokens=25, seed=9)
+
+    generator = torch.Generator().manual_seed(9)
+    state = net.init_state(1)
+    expected = []
+    with torch.no_grad():
+        features, state = net(torch.tensor([[2], [3], [4]]), state)  # one two three
+        for _ in range(25):
+            probs = torch.softmax(net.head.logits(features[-1, 0]), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            expected.append(token)
+            features, state = net(torch.tensor([[token]]), state)
+    assert result.generated_tokens == VOCAB.decode(expected)
+
+
+def test_a_model_trained_on_a_pattern_continues_it_greedily_across_lines(cycle_lstm):
+    result = generate(cycle_lstm, VOCAB, WORD, prompt="one two", tokens=16, temperature=0)
+    assert result.generated_tokens == (CYCLE * 3)[2:18]
+    assert result.text == "one two three four five\n" * 3
+
+
+def test_eos_is_written_as_a_line_break(cycle_lstm):
+    result = generate(cycle_lstm, VOCAB, WORD, prompt="four", tokens=7, temperature=0)
+    assert EOS in result.generated_tokens
+    assert EOS not in result.text
+    assert result.text == "four five\none two three four five"
+
+
+def test_an_empty_prompt_starts_at_the_beginning_of_a_line(cycle_lstm):
+    result = generate(cycle_lstm, VOCAB, WORD, tokens=5, temperature=0)
+    assert result.prompt_tokens == []
+    assert result.text == "one two three four five"
+
+
+def test_a_prompt_ending_with_a_line_break_is_a_finished_line(cycle_lstm):
+    result = generate(cycle_lstm, VOCAB, WORD, prompt="one two three four five\n", tokens=2, temperature=0)
+    assert result.prompt_tokens == CYCLE
+    assert result.text == "one two three four five\none two"
+
+
+def test_unknown_prompt_words_are_reported_and_read_as_unk(cycle_lstm):
+    result = generate(cycle_lstm, VOCAB, WORD, prompt="one zebra two okapi", tokens=3, seed=1)
+    assert result.prompt_unknown == ["zebra", "okapi"]
+    assert result.prompt_tokens == ["one", "zebra", "two", "okapi"]
+    assert result.text.startswith("one zebra two okapi ")
+
+
+# --- temperature, top-k and top-p -------------------------------------------------------------------------
+
+
+def test_top_k_1_and_a_tiny_top_p_are_greedy():
+    net = _model("LSTM", seed=2)
+    greedy = generate(net, VOCAB, WORD, tokens=30, temperature=0).generated_tokens
+    assert generate(net, VOCAB, WORD, tokens=30, top_k=1, seed=5).generated_tokens == greedy
+    assert generate(net, VOCAB, WORD, tokens=30, top_p=1e-6, seed=6).generated_tokens == greedy
+    assert generate(net, VOCAB, WORD, tokens=30, seed=5).generated_tokens != greedy  # plain sampling is not
+
+
+def test_sample_next_keeps_only_the_top_k_tokens():
+    logits = torch.tensor([0.0, 3.0, 2.9, 2.8, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    drawn = {sample_next(logits, 1.0, 2, None, generator) for _ in range(200)}
+    assert drawn == {1, 2}
+
+
+def test_sample_next_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, None, 0.75, generator) for _ in range(300)} == {0, 1}
+    assert {sample_next(logits, 1.0, None, 0.85, generator) for _ in range(300)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "settings,flag",
+    [(dict(tokens=0), "--tokens"), (dict(temperature=-1.0), "--temperature"), (dict(top_k=0), "--top-k"),
+     (dict(top_p=0.0), "--top-p"), (dict(top_p=1.5), "--top-p")],
+)
+def test_bad_sampling_settings_are_config_errors_naming_the_flag(settings, flag):
+    with pytest.raises(ConfigError, match=flag):
+        generate(_model(), VOCAB, WORD, **settings)
+
+
+# --- characters --------------------------------------------------------------------------------------------
+
+
+def test_char_level_generation_joins_characters():
+    vocab = Vocab([UNK, "a", "b", " ", "\n"])
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(model="GRU", vocab_size=len(vocab), emsize=8, nhid=8, nlayers=1, dropout=0.0)).eval()
+    result = generate(net, vocab, TokenizerSettings(level="char"), prompt="ab", tokens=30, seed=2)
+    assert result.text == "ab" + "".join(result.generated_tokens)
+    assert set(result.generated_tokens) <= set(vocab.tokens)
+
+
+# --- the Transformer's KV cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory", [0, 4])
+def test_transformer_generation_with_its_kv_cache_matches_running_the_whole_prefix(memory, monkeypatch):
+    net = _model("Transformer", seed=1, nlayers=2, nhead=2, memory=memory)
+    seen_logits = []
+    real_sample_next = generation.sample_next
+
+    def recording_sample_next(logits, *args):
+        seen_logits.append(logits.clone())
+        return real_sample_next(logits, *args)
+
+    monkeypatch.setattr(generation, "sample_next", recording_sample_next)
+    prompt = "one two three four"
+    result = generate(net, VOCAB, WORD, prompt=prompt, tokens=12, seed=4, context=64)  # context ≥ whole text
+
+    ids, _ = VOCAB.encode(prompt.split() + result.generated_tokens)
+    with torch.no_grad():
+        # the whole prefix at once, cold, as one window: no cache involved
+        features, _ = net(torch.tensor(ids).view(-1, 1), net.init_state(1), keep=0)
+        full_logits = net.head.logits(features[:, 0])
+    for step, cached in enumerate(seen_logits):
+        assert torch.allclose(cached, full_logits[3 + step], atol=1e-5), f"step {step}"
+
+
+def test_transformer_kv_cache_is_bounded_by_the_context(monkeypatch):
+    net = _model("Transformer", seed=1, nhead=2)
+    lengths = []
+    real_forward = net.forward
+
+    def forward(input, state, keep=None):
+        features, new_state = real_forward(input, state, keep)
+        lengths.append(new_state[0].size(2))
+        return features, new_state
+
+    monkeypatch.setattr(net, "forward", forward)
+    result = generate(net, VOCAB, WORD, prompt="one two three four five one two three", tokens=20, seed=0, context=5)
+    assert len(result.generated_tokens) == 20
+    assert max(lengths) == 5
+
+
+def test_a_transformer_trained_on_a_pattern_continues_it_greedily():
+    net = _train_on_the_cycle(_model("Transformer", seed=0, nhead=2, memory=6))
+    # the prompt gives the model some history: it was trained with memory, never from a cold single token
+    result = generate(net, VOCAB, WORD, prompt="one two three", tokens=9, temperature=0, context=18)
+    assert result.text == "one two three four five\none two three four five\n"
