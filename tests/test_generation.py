@@ -206,7 +206,7 @@ def test_transformer_kv_cache_is_bounded_by_the_context(monkeypatch):
 
     def forward(input, state, keep=None):
         features, new_state = real_forward(input, state, keep)
-        lengths.append(new_state[0].size(2))
+        lengths.append(new_state[0].size(1))
         return features, new_state
 
     monkeypatch.setattr(net, "forward", forward)

@@ -66,10 +66,25 @@ def open_training_data(data: str | Path, settings: dict, log=print) -> tuple[Pre
         source = SourceSettings(**{**meta["source"], "split_ratios": tuple(meta["source"]["split_ratios"])})
         return prepared, source, prepared.tokenizer, VocabSettings(**meta["vocab_settings"])
     settings = dict(settings)
-    source = SourceSettings(data=str(data), **_split_kwargs(SourceSettings, settings))
+    source = SourceSettings(data=_data_name(data), **_split_kwargs(SourceSettings, settings))
     tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
     vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
     return prepare_corpus(source, tokenizer, vocab, log=log), source, tokenizer, vocab
+
+
+def _data_name(data: str | Path) -> str:
+    """A path as an absolute path (so the run can be evaluated from any folder); a dataset name as it is."""
+    return str(Path(data).resolve()) if Path(data).exists() else str(data)
+
+
+_SETTING_NAMES = {f.name for cls in (SourceSettings, TokenizerSettings, VocabSettings, ModelConfig, TrainConfig)
+                  for f in fields(cls)} - {"data", "vocab_size"}
+
+
+def _reject_unknown(settings: dict) -> None:
+    unknown = sorted(set(settings) - _SETTING_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTING_NAMES))}")
 
 
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
@@ -83,6 +98,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     """
     out = Path(out)
     settings = dict(settings)
+    _reject_unknown(settings)
     if resume:
         return _resume(out, data, settings, progress=progress, log=log, save_every=save_every)
     model_settings = _split_kwargs(ModelConfig, settings)
@@ -90,7 +106,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
-    ckpt.prepare_new_run_dir(out, force) if not (out.is_dir() and not any(out.iterdir())) else None
+    if not (out.is_dir() and not any(out.iterdir())):
+        ckpt.prepare_new_run_dir(out, force)
     prepared, source, tokenizer, vocab_settings = open_training_data(data, settings, log)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
@@ -128,7 +145,7 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
                 f"{flag} {value} differs from the run's {saved[key]}; --resume continues a run with "
                 "its own settings (only --epochs and --max-time may change): drop the flag or start a new --out"
             )
-    if data is not None and str(data) != config.source.data:
+    if data is not None and _data_name(data) != config.source.data:
         raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
     for key in RESUME_MUTABLE & settings.keys():
         setattr(config.train, key, settings[key])
@@ -201,7 +218,7 @@ class Run:
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context)
 
 
-def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "cpu") -> Run:
+def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Run:
     """Load a run directory's model (``best``: model.safetensors, ``last``: last.safetensors)."""
     folder = Path(run_dir)
     config = ckpt.read_run_config(folder)

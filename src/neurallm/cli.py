@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive", action="store_true", help="the PyTorch example's method (depends on --batch-size)")
     p.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...", help="table of naive vs exact ppl per batch size")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("generate", help="sample text from a run")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="Transformer KV-cache length (default bptt + memory)")
     p.add_argument("--out", help="write the text to this file instead of standard output")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
     p = sub.add_parser("explain", help="show how a text is batchified and cut into BPTT windows")
     p.add_argument("--text", help="a short text to use as the token stream")

@@ -38,6 +38,7 @@ from neurallm.errors import ConfigError
 DEFAULT_STATEFUL_CONTEXT = 512
 # RNN results do not depend on the window length, so evaluate them in long windows: fewer Python steps.
 RNN_EVAL_WINDOW = 256
+HEAD_CHUNK = 4096  # positions per output-layer call
 
 
 @dataclass
@@ -162,8 +163,15 @@ def _run_columns(model: nn.Module, ids: np.ndarray, columns: list[EvalColumn], w
     total = torch.zeros((), dtype=torch.float64, device=device)
     for row in range(0, rows, window):
         features, state = model(inputs[row : row + window], state)
-        nll = model.head.loss(features, targets[row : row + window], reduction="none").view(features.shape[:2])
-        total += (nll.double() * mask[row : row + window]).sum()
+        scored_here = mask[row : row + window]
+        if scored_here.any():
+            # the output layer only where a target is scored: burn-in and padding need no softmax
+            scored_features = features[scored_here]
+            scored_targets = targets[row : row + window][scored_here]
+            # in slices: the logits of a whole window of many columns can take gigabytes
+            for first in range(0, scored_targets.numel(), HEAD_CHUNK):
+                nll = model.head.loss(scored_features[first : first + HEAD_CHUNK], scored_targets[first : first + HEAD_CHUNK], reduction="sum")
+                total += nll.double()
     return float(total), int(scored.sum())
 
 

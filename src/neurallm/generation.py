@@ -4,7 +4,7 @@ The prompt is run through the model once; then each new token is drawn from the 
 (softmax of the logits divided by the temperature, optionally cut to the top k tokens or the smallest set
 whose probability reaches top p) and fed back with the state the previous step left. RNNs carry their
 hidden state; the Transformer keeps its keys and values in the same memory it uses across training windows,
-here as a KV cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
+here as a cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
 whole prefix.
 """
 
@@ -94,7 +94,7 @@ def generate(
         top_k: sample among the k most likely tokens only.
         top_p: sample among the most likely tokens whose probabilities add up to p.
         seed: the same seed gives the same text.
-        context: Transformer KV-cache length in tokens (RNNs carry their whole history in their state).
+        context: Transformer cache length in tokens (RNNs carry their whole history in their state).
     """
     _check(tokens, temperature, top_k, top_p)
     model.eval()

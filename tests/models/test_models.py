@@ -139,12 +139,12 @@ def test_memory_keeps_the_last_m_positions_of_every_layer():
     assert model.carries_state
     assert not _transformer(memory=0).carries_state
     state = model.init_state(2)
-    assert len(state) == 4 and all(t.shape == (2, 2, 0, 8) for t in state)  # (B, heads, m, head_dim)
+    assert len(state) == 2 and all(t.shape == (2, 0, 16) for t in state)  # per layer (B, m, emsize)
     with torch.no_grad():
         _, state = model(torch.randint(0, 30, (3, 2)), state)
-        assert all(t.shape == (2, 2, 3, 8) for t in state)
+        assert all(t.shape == (2, 3, 16) for t in state)
         _, state = model(torch.randint(0, 30, (3, 2)), state)
-    assert all(t.shape == (2, 2, 4, 8) for t in state)
+    assert all(t.shape == (2, 4, 16) for t in state)
 
 
 def test_memory_is_detached_at_the_window_edge_in_training():

@@ -35,7 +35,8 @@ from conftest import TINY_MODEL, write_patterned_corpus
 
 SRC = Path(neurallm.__file__).resolve().parent
 RUN_FILES = {"config.json", "vocab.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "results.json"}
-TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\..+\.tmp$")
+# neurallm's own temp files (.NAME.XXXX.tmp) and safetensors' (.tmpXXXXXX: its writer also goes through a temp file)
+TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\..+\.tmp$|^\.tmp\w{6}$")
 
 
 def quiet(message: str) -> None:

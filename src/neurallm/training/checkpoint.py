@@ -19,6 +19,7 @@ everything else is JSON (a planted pickle in RUN is never opened).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,13 @@ def prepare_new_run_dir(folder: Path, force: bool) -> None:
             raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; refusing to delete it even with --force")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete temp files a killed process left: ours (``.NAME.XXXX.tmp``) and safetensors' (``.tmpXXXXXX``)."""
+    for path in Path(folder).iterdir():
+        if path.is_file() and (re.fullmatch(r"\..+\.tmp", path.name) or re.fullmatch(r"\.tmp\w{6}", path.name)):
+            path.unlink(missing_ok=True)
 
 
 def write_run_files(folder: Path, config: RunConfig, vocab: Vocab) -> None:

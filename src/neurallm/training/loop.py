@@ -122,6 +122,7 @@ class Trainer:
         self.window = 0  # next window of the current epoch
         self.elapsed = 0.0  # seconds of training over all resumes
         self.faults = 0
+        self.best_valid_loss = math.inf  # of the weights in model.safetensors
         self.metrics: list[dict] = []
         # train loss of the current epoch so far: saved mid-epoch so a resumed epoch reports the whole epoch's mean
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
@@ -134,7 +135,7 @@ class Trainer:
 
     def save_last(self) -> None:
         rng_json, rng_tensors = capture_rng_state()
-        optim_json, optim_tensors = self.optimizer_state()
+        optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
         carried = {f"carry.{i}": t for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
         info = {
             "neurallm_version": __version__,
@@ -142,6 +143,7 @@ class Trainer:
             "window": self.window,
             "elapsed": self.elapsed,
             "faults": self.faults,
+            "best_valid_loss": None if math.isinf(self.best_valid_loss) else self.best_valid_loss,
             "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_count],
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
@@ -151,9 +153,6 @@ class Trainer:
         }
         ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rng_tensors, **optim_tensors, **carried}))
         ckpt.write_metrics(self.run_dir, self.metrics)
-
-    def optimizer_state(self):
-        return ckpt.optimizer_to_state(self.optimizer)
 
     def restore_last(self, *, full: bool) -> None:
         """Load last.safetensors: weights and optimizer always; position, RNG and state too when ``full``."""
@@ -171,6 +170,7 @@ class Trainer:
             )
         self.epoch, self.window, self.elapsed = info["epoch"], info["window"], info["elapsed"]
         self.faults = info.get("faults", 0)
+        self.best_valid_loss = math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"]
         self.epoch_loss_sum, self.epoch_loss_count = info.get("epoch_loss", [0.0, 0])
         saved = Schedule.from_dict(info["schedule"])
         # --epochs may have been raised: the cosine schedule stretches to the new end
@@ -233,6 +233,7 @@ class Trainer:
     def run(self, *, resume: bool = False) -> TrainResult:
         train = self.config.train
         if resume:
+            ckpt.remove_stale_temp_files(self.run_dir)
             self.restore_last(full=True)
             self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
         else:
@@ -308,7 +309,12 @@ class Trainer:
         if self.config.tokenizer.level == "char":
             record["valid_bpc"] = valid.bpc
         self.metrics.append(record)
-        if self.schedule.after_validation(valid.loss):
+        if epoch_done:
+            # only whole epochs drive the schedule, so a run stopped by --max-time and extended later anneals
+            # exactly as an uninterrupted one
+            self.schedule.after_validation(valid.loss)
+        if valid.loss < self.best_valid_loss:
+            self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
         self.log(
@@ -326,8 +332,8 @@ class Trainer:
         self.model.eval()
         test = evaluate(self.model, self.data.ids("test"), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
         results = {"test": test.to_dict(self.config.tokenizer.level), "stopped_by": stopped_by,
-                   "epochs_completed": self.epoch, "best_valid_loss": self.schedule.best_valid_loss}
+                   "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
         ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         self.log(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
-        return TrainResult(self.run_dir, self.epoch, self.schedule.best_valid_loss, test, stopped_by)
+        return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)

@@ -53,14 +53,12 @@ class Schedule:
         if self.kind == "adamw":
             self.lr = self._adamw_lr()
 
-    def after_validation(self, valid_loss: float) -> bool:
-        """Record a validation loss; return True if it is the best so far."""
+    def after_validation(self, valid_loss: float) -> None:
+        """Record the validation loss of a whole epoch; SGD anneals when it is no better than the best so far."""
         if valid_loss < self.best_valid_loss:
             self.best_valid_loss = valid_loss
-            return True
-        if self.kind == "sgd":
+        elif self.kind == "sgd":
             self.lr /= 4.0
-        return False
 
     def scale(self, factor: float) -> None:
         """Lower the learning rate for good (after a numerical fault)."""
