@@ -26,7 +26,7 @@ from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
-from neurallm.runtime import pick_device
+from neurallm.runtime import log_line, pick_device
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.loop import Trainer, TrainResult
 
@@ -36,7 +36,7 @@ def _split_kwargs(cls, kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-def prepare(data: str | Path, out: str | Path | None = None, *, log=print, **settings) -> PreparedCorpus:
+def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **settings) -> PreparedCorpus:
     """Tokenize a corpus and write its id streams (see :func:`neurallm.data.stream.prepare_corpus`).
 
     Args:
@@ -54,7 +54,7 @@ def prepare(data: str | Path, out: str | Path | None = None, *, log=print, **set
     return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None, log=log)
 
 
-def open_training_data(data: str | Path, settings: dict, log=print) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
+def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
     """The prepared corpus for ``data``: a prepared folder as it is, anything else prepared (or reused from cache)."""
     if Path(data).is_dir() and is_prepared(Path(data)):
         prepared = load_prepared(Path(data))
@@ -88,7 +88,7 @@ def _reject_unknown(settings: dict) -> None:
 
 
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool | None = None, log=print, save_every: float = 300.0, **settings) -> TrainResult:
+          progress: bool | None = None, log=log_line, save_every: float = 300.0, **settings) -> TrainResult:
     """Train a model on ``data`` into the run directory ``out``.
 
     ``settings`` are the fields of ``ModelConfig`` (model, emsize, nhid, nlayers, dropout, tied, nhead, memory),

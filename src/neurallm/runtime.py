@@ -55,3 +55,8 @@ def restore_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> Non
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def log_line(message: str) -> None:
+    """Print a progress line at once, even when stdout is a file or a pipe (which Python buffers)."""
+    print(message, flush=True)

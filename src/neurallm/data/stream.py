@@ -23,6 +23,7 @@ from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
 from neurallm.fileio import atomic_path, atomic_write_json, atomic_write_text
+from neurallm.runtime import log_line
 
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
@@ -97,7 +98,7 @@ def prepare_corpus(
     *,
     out_dir: Path | None = None,
     vocab: Vocab | None = None,
-    log=print,
+    log=log_line,
 ) -> PreparedCorpus:
     """Tokenize and encode every split of ``source``, or reuse a folder already prepared with the same key.
 

@@ -34,7 +34,7 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
-from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
 
@@ -97,7 +97,7 @@ class Trainer:
         data: PreparedCorpus,
         *,
         progress: bool | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = log_line,
         save_every: float = 300.0,
     ) -> None:
         self.run_dir = Path(run_dir)
