@@ -14,6 +14,7 @@ from pathlib import Path
 
 from neurallm import __version__
 from neurallm.errors import ConfigError, NeurallmError
+from neurallm.runtime import keep_freed_memory
 
 DEFAULT_TOKENS = 1000
 
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except NeurallmError as exc:

@@ -1,8 +1,10 @@
-"""Device choice, seeding, and the random-number state a resumed run must restore."""
+"""Device choice, seeding, the random-number state a resumed run must restore, and the process's allocator."""
 
 from __future__ import annotations
 
+import ctypes
 import random
+import sys
 
 import numpy as np
 import torch
@@ -60,3 +62,25 @@ def restore_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> Non
 def log_line(message: str) -> None:
     """Print a progress line at once, even when stdout is a file or a pipe (which Python buffers)."""
     print(message, flush=True)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once.
+
+    Every training step allocates and frees buffers of tens of megabytes (the logits of a window). By default
+    glibc serves those with mmap and gives them back with munmap, so each step pays page faults on fresh
+    memory: measured on 2 CPU cores, an LSTM 64/64 epoch on wt2-lite spent 36 s in the kernel and ran at 7,700
+    tokens/s, against 10,700 tokens/s with the settings below (identical losses). Returns whether it applied
+    (glibc on Linux only; elsewhere nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    applied = libc.mallopt(m_mmap_threshold, 32 * 2**20)  # the largest value glibc accepts on 64-bit
+    applied &= libc.mallopt(m_trim_threshold, 2**30)
+    applied &= libc.mallopt(m_top_pad, 256 * 2**20)
+    return bool(applied)
