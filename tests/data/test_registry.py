@@ -301,3 +301,17 @@ def test_tinyshakespeare_is_the_known_char_level_file():
     spec = registry.DATASETS["tinyshakespeare"]
     assert spec.files[0].md5 == "6fb458f1232090904fb40fe944165e91"
     assert spec.level == "char" and spec.split_files == {"all": "input.txt"}
+
+
+def test_a_downloaded_zip_dataset_is_read_by_name_in_its_archive_layout(monkeypatch, server):
+    """`--data wikitext-2` after a download: the splits lie at wikitext-2/wiki.*.tokens inside the cache folder."""
+    from neurallm.data.sources import SourceSettings
+    from neurallm.data.stream import prepare_corpus
+    from neurallm.data.tokenizers import TokenizerSettings
+
+    use_zip_spec(monkeypatch, server, md5_of(build_wikitext_zip(server.root)))
+    prepared = prepare_corpus(SourceSettings("wikitext-2"), TokenizerSettings(), log=lambda message: None)
+    for split, text in SPLIT_TEXT.items():
+        expected = sum(len(line.split()) + 1 for line in text.splitlines())
+        assert prepared.meta["splits"][split]["tokens"] == expected
+    assert server.requests == ["/wikitext-2-v1.zip"]

@@ -153,6 +153,10 @@ def _open_registered(settings: SourceSettings) -> Corpus:
     if spec is None:
         raise DataError(f"--data {settings.data}: not a registered dataset; known: {', '.join(sorted(registry.DATASETS))}")
     folder = registry.resolve_dataset(settings.data)
+    # a downloaded copy has the archive's own layout (wikitext-2/wiki.train.tokens); a local folder may not
+    spec_layout = {split: folder / spec.split_files[split] for split in SPLITS if split in spec.split_files}
+    if len(spec_layout) == len(SPLITS) and all(path.is_file() for path in spec_layout.values()):
+        return _open_split_files(folder, spec_layout, settings)
     if "all" in spec.split_files and not any(_find_split_file(folder, s) for s in SPLITS):
         path = folder / spec.split_files["all"]
         _check_text_file(path)
@@ -176,10 +180,14 @@ def _open_folder(folder: Path, settings: SourceSettings) -> Corpus:
             f"--data {folder}: no {'/'.join(missing)} split; expected files named like "
             f"{', '.join(_SPLIT_FILE_NAMES[missing[0]][:3])}; found: {', '.join(present[:10])}"
         )
-    for path in found.values():
+    return _open_split_files(folder, found, settings)
+
+
+def _open_split_files(folder: Path, paths: dict[str, Path], settings: SourceSettings) -> Corpus:
+    for path in paths.values():
         _check_text_file(path)
-    readers = {split: (lambda p=path: _read_text_lines(p, settings.encoding)) for split, path in found.items()}
-    return Corpus(description=str(folder), files=[found[s] for s in SPLITS], read_split=readers)
+    readers = {split: (lambda p=path: _read_text_lines(p, settings.encoding)) for split, path in paths.items()}
+    return Corpus(description=str(folder), files=[paths[s] for s in SPLITS], read_split=readers)
 
 
 def _split_single_source(path: Path, settings: SourceSettings, read_all: Callable[[], Iterator[str]]) -> Corpus:
