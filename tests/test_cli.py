@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY_MODEL, write_patterned_corpus
 from neurallm.cli import main

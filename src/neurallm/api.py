@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from neurallm.config import ModelConfig, RunConfig, TrainConfig

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from neurallm.data.sources import SourceSettings
+from neurallm.data.stream import VocabSettings
+from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "Transformer")
@@ -140,9 +143,9 @@ def from_dict(cls, data: dict, source: str):
 class RunConfig:
     """Everything that defines a training run; saved as the run directory's ``config.json``."""
 
-    source: "SourceSettings"
-    tokenizer: "TokenizerSettings"
-    vocab: "VocabSettings"
+    source: SourceSettings
+    tokenizer: TokenizerSettings
+    vocab: VocabSettings
     model: ModelConfig
     train: TrainConfig
 
@@ -157,10 +160,6 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config.json") -> "RunConfig":
-        from neurallm.data.sources import SourceSettings
-        from neurallm.data.stream import VocabSettings
-        from neurallm.data.tokenizers import TokenizerSettings
-
         try:
             source_settings = dict(data["source"])
             source_settings["split_ratios"] = tuple(source_settings.get("split_ratios", (0.9, 0.05, 0.05)))

@@ -50,8 +50,3 @@ class RNNLanguageModel(nn.Module):
         output, rnn_state = self.rnn(emb, rnn_state)  # (T, B, nhid)
         new_state = tuple(rnn_state) if self.config.model == "LSTM" else (rnn_state,)
         return self.drop(output), new_state
-
-    @staticmethod
-    def select_columns(state: State, columns: torch.Tensor) -> State:
-        """The state of some columns only (the batch dimension is 1 for RNN states)."""
-        return tuple(t.index_select(1, columns) for t in state)

@@ -134,7 +134,3 @@ class TransformerLanguageModel(nn.Module):
             new_state.append(memory)
         features = self.ln_final(x).transpose(0, 1)  # (T, B, C)
         return features, tuple(new_state)
-
-    @staticmethod
-    def select_columns(state: State, columns: torch.Tensor) -> State:
-        return tuple(t.index_select(0, columns) for t in state)

@@ -204,15 +204,3 @@ def write_metrics(folder: Path, records: list[dict]) -> None:
     """Rewrite metrics.jsonl from the records kept in the checkpoint, so the two always agree."""
     atomic_write_text(Path(folder) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
-
-def read_metrics(folder: Path) -> list[dict]:
-    path = Path(folder) / METRICS_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from neurallm import __version__
 from neurallm.config import RunConfig
@@ -116,7 +115,7 @@ class Trainer:
             self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed)
         else:
             self.batches = ContiguousBatches(batchify(train_ids, train.batch_size).to(self.device), train.bptt)
-        self.carry = self.model.carries_state and not train.shuffle_windows
+        self.carry = self.model.carries_state and self.batches.carries_state
         self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches))
         self.epoch = 0  # completed epochs
         self.window = 0  # next window of the current epoch
