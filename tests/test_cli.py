@@ -145,6 +145,18 @@ def test_train_refuses_an_existing_run_without_force_and_replaces_it_with_force(
     assert RUN_FILES <= {p.name for p in out.iterdir()}
 
 
+def test_force_keeps_the_old_run_when_the_new_one_cannot_start(corpus, tmp_path, capsys):
+    """--force deletes the old run only once the new run's data and settings have been checked."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(out), *TINY, "--force"]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--batch-size", "100000", "--force"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("extra", [["--shuffle-windows"], ["--optimizer", "adamw", "--lr", "0.01", "--warmup", "5"]],
                          ids=["shuffle-windows", "adamw"])
 def test_training_variants_train_and_lower_the_loss(corpus, tmp_path, extra, capsys):

@@ -109,15 +109,14 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
-    if not (out.is_dir() and not any(out.iterdir())):
-        ckpt.prepare_new_run_dir(out, force)
+    ckpt.check_new_run_dir(out, force)
     prepared, source, tokenizer, vocab_settings = open_training_data(data, settings, log)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
     # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
     # run: a setting that fails here must leave no half-made run that blocks the corrected command.
     trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
     ckpt.write_run_files(out, config, prepared.vocab)
     log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,12 +16,22 @@ from pathlib import Path
 from typing import Any
 
 
+_TEMP_SUFFIX = ".tmp"
+# safetensors' writer goes through a temp file of its own, named like tempfile's default: ".tmp" + 6 characters
+_TEMP_NAMES = re.compile(r"\..+" + re.escape(_TEMP_SUFFIX) + r"|\.tmp\w{6}")
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temp file of an atomic write (ours or safetensors'), left behind if the writer died."""
+    return _TEMP_NAMES.fullmatch(name) is not None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the user's usual permissions

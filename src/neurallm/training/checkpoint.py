@@ -19,7 +19,6 @@ everything else is JSON (a planted pickle in RUN is never opened).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 from neurallm.config import RunConfig
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError, RunDirError
-from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text
+from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
@@ -46,28 +45,38 @@ def is_run_dir(folder: Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file()
 
 
-def prepare_new_run_dir(folder: Path, force: bool) -> None:
-    """Create an empty run directory; an existing non-empty one is replaced only with ``force``."""
+def check_new_run_dir(folder: Path, force: bool) -> None:
+    """Raise unless ``folder`` can hold a new run: absent, empty, or (with ``force``) an old run to replace.
+
+    Only checks; :func:`prepare_new_run_dir` deletes, once everything else about the new run has been checked.
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunDirError(f"--out {folder} is a file; name a folder for the run")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not force:
-            if not is_run_dir(folder) and not (folder / LAST_FILE).exists():
-                # not "use --force": --force refuses such a folder (below)
-                raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; name a new or empty folder for the run")
-            raise RunDirError(f"--out {folder} already exists and is not empty; use --resume to continue it or --force to replace it")
-        if not is_run_dir(folder) and not (folder / LAST_FILE).exists():
-            # --force replaces runs, not arbitrary folders a typo could point at (a home directory, say).
+    if not (folder.is_dir() and any(folder.iterdir())):
+        return
+    if not is_run_dir(folder) and not (folder / LAST_FILE).exists():
+        # --force replaces runs, not arbitrary folders a typo could point at (a home directory, say).
+        if force:
             raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; refusing to delete it even with --force")
+        raise RunDirError(f"--out {folder} is a non-empty folder that is not a neurallm run; name a new or empty folder for the run")
+    if not force:
+        raise RunDirError(f"--out {folder} already exists and is not empty; use --resume to continue it or --force to replace it")
+
+
+def prepare_new_run_dir(folder: Path, force: bool) -> None:
+    """Create an empty run directory, replacing an old run only with ``force``."""
+    folder = Path(folder)
+    check_new_run_dir(folder, force)
+    if folder.is_dir() and any(folder.iterdir()):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Delete temp files a killed process left: ours (``.NAME.XXXX.tmp``) and safetensors' (``.tmpXXXXXX``)."""
+    """Delete the temp files a killed process left in a run directory."""
     for path in Path(folder).iterdir():
-        if path.is_file() and (re.fullmatch(r"\..+\.tmp", path.name) or re.fullmatch(r"\.tmp\w{6}", path.name)):
+        if path.is_file() and is_temp_file(path.name):
             path.unlink(missing_ok=True)
 
 
