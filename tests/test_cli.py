@@ -252,3 +252,22 @@ def test_done_when_an_lstm_on_wt2_lite_reaches_test_perplexity_under_1000(shared
     result = _json_line(capsys)
     assert result["tokens"] == 126_683 - 1
     assert math.isfinite(result["ppl"]) and result["ppl"] < 1000, result
+
+
+def test_dry_run_trains_one_batch_then_validates_and_tests(corpus, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--epochs", "3", "--dry-run"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["complete"] is False  # one batch, not an epoch
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_by"] == "dry_run" and results["test"]["tokens"] == _word_tokens(corpus) - 1
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", "x", "--epoch", "3"], ["train", "--out", "x", "--save-ev", "60"],
+                                  ["eval", "run", "--compare", "1,2"], ["generate", "run", "--temp", "0.5"]],
+                         ids=["epoch", "save-ev", "compare", "temp"])
+def test_abbreviated_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neurallm.data import registry
 from neurallm.errors import ConfigError, DataError
+from neurallm.settings import setting
 
 SPLITS = ("train", "valid", "test")
 
@@ -36,25 +37,27 @@ FORMATS = ("auto", "dir", "text", "csv", "jsonl", "registry")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``--split-ratios 0.9,0.05,0.05`` → ``(0.9, 0.05, 0.05)`` (checked in ``SourceSettings``)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected three fractions like 0.9,0.05,0.05, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class SourceSettings:
-    """How to read ``--data``; part of the key under which a prepared corpus is cached.
+    """How to read ``--data``; part of the key under which a prepared corpus is cached (each field's ``help``
+    documents it)."""
 
-    Attributes:
-        data: a folder, a file, or a registered dataset name.
-        format: ``auto`` detects from the path; or one of ``dir text csv jsonl registry``.
-        text_column: CSV columns joined (with a space) into one document per row, e.g. ``"title,description"``.
-        text_field: JSONL key holding the text of each record.
-        split_ratios: train/valid/test fractions for single-file sources.
-        encoding: text encoding of the files (strict decoding).
-    """
-
-    data: str
-    format: str = "auto"
-    text_column: str | None = None
-    text_field: str | None = None
-    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    encoding: str = "utf-8"
+    data: str = setting(help="folder with train/valid/test, a text/CSV/JSONL file, a prepared folder, or a dataset "
+                             "name (wikitext-2, wikitext-103, ptb, tinyshakespeare)")
+    format: str = setting("auto", help="how to read --data; auto detects it from the path", choices=FORMATS)
+    text_column: str | None = setting(None, help="CSV columns joined (with a space) into one document per row, e.g. title,description")
+    text_field: str | None = setting(None, help="JSONL key holding the text of each record")
+    split_ratios: tuple[float, float, float] = setting((0.9, 0.05, 0.05), help="train,valid,test fractions for a single-file source",
+                                                       parse=parse_ratios, metavar="TRAIN,VALID,TEST")
+    encoding: str = setting("utf-8", help="text encoding of the files, decoded strictly")
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

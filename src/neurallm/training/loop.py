@@ -49,7 +49,7 @@ class TrainResult:
         epochs_completed: full epochs done (over all resumes).
         best_valid_loss: lowest validation loss (nats per token).
         test: the best model on the test split (None if it was not evaluated).
-        stopped_by: ``epochs``, ``max_time`` or ``interrupt``.
+        stopped_by: ``epochs``, ``max_time``, ``dry_run`` or ``interrupt``.
     """
 
     run_dir: Path
@@ -276,6 +276,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
             if stop.requested:
                 stopped_by = "interrupt"
+                break
+            if train.dry_run:
+                stopped_by = "dry_run"
                 break
             if train.max_time is not None and self.elapsed >= train.max_time:
                 stopped_by = "max_time"
