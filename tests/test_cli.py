@@ -193,12 +193,20 @@ def test_tied_with_unequal_sizes_fails_with_one_line_naming_the_flag(corpus, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shared_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)  # `tinyshakespeare` is found in ../shared/data
-    monkeypatch.delenv("NEURALLM_DATA", raising=False)
-    out = tmp_path / "chars"
-    assert main(["train", "--data", "tinyshakespeare", "--level", "char", "--out", str(out), *TINY,
-                 "--batch-size", "32", "--bptt", "32", "--max-time", "3", "--eval-batch-size", "20"]) == 0
+@pytest.fixture(scope="module")
+def shakespeare_run(shared_data, tmp_path_factory) -> Path:
+    """A character-level run trained (3 s) on the dataset name `tinyshakespeare`, found in ../shared/data."""
+    out = tmp_path_factory.mktemp("runs") / "chars"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        patch.delenv("NEURALLM_DATA", raising=False)
+        assert main(["train", "--data", "tinyshakespeare", "--level", "char", "--out", str(out), *TINY,
+                     "--batch-size", "32", "--bptt", "32", "--max-time", "3", "--eval-batch-size", "20"]) == 0
+    return out
+
+
+def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shakespeare_run, capsys):
+    out = shakespeare_run
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--batch-size", "20"]) == 0
     result = _json_line(capsys)
@@ -209,6 +217,18 @@ def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shar
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:")
     assert len(text) >= len("ROMEO:") + 50  # 50 characters follow (an <unk>, if drawn, is written as 5)
+
+
+def test_a_run_trained_on_a_dataset_name_is_evaluated_from_another_folder_offline(shakespeare_run, tmp_path, monkeypatch, capsys):
+    config = json.loads((shakespeare_run / "config.json").read_text())
+    assert config["source"]["data"] == "tinyshakespeare"
+    assert config["source"]["location"] == str((REPO.parent / "shared" / "data" / "tinyshakespeare").resolve())
+    monkeypatch.chdir(tmp_path)  # ../shared/data does not exist from here
+    monkeypatch.delenv("NEURALLM_DATA", raising=False)
+    monkeypatch.setenv("NEURALLM_MIRROR", "http://127.0.0.1:9")  # a download would fail: nothing listens there
+    capsys.readouterr()
+    assert main(["eval", str(shakespeare_run), "--json", "--batch-size", "20"]) == 0
+    assert _json_line(capsys)["tokens"] == 47_426 - 1
 
 
 def test_news_csv_with_the_tutorial_preprocessing_trains_evaluates_and_generates(shared_data, tmp_path, capsys):
@@ -271,3 +291,27 @@ def test_abbreviated_flags_are_refused(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_max_time_stop_says_so_on_the_console(corpus, tmp_path, capsys):
+    out = tmp_path / "timed"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--epochs", "3", "--max-time", "0.001"]) == 0
+    log = capsys.readouterr().out
+    assert "stopped by --max-time after 0 of 3 epochs and 1 of " in log
+    assert json.loads((out / "results.json").read_text())["stopped_by"] == "max_time"
+
+
+def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(word_run, corpus, tmp_path, capsys, caplog):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for split in ("train", "valid", "test"):
+        # 4 of the 8 tokens per line are unknown to the run (zebra, ate, grass, quickly); "the" and <eos> are known
+        (foreign / f"{split}.txt").write_text("the zebra ate the grass quickly the\n" * 40, encoding="utf-8")
+    assert main(["eval", str(word_run), "--data", str(foreign), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unk_share"] == pytest.approx(4 / 8)
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "50.0% of the test tokens" in warning.message and "<unk>" in warning.message
+    caplog.clear()
+    assert main(["eval", str(word_run)]) == 0  # its own corpus: every word known, no warning
+    assert "<unk> 0.0%" in capsys.readouterr().out
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

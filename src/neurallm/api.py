@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
-from neurallm.data.sources import SourceSettings
+from neurallm.data.sources import SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
@@ -29,6 +30,8 @@ from neurallm.runtime import keep_freed_memory, log_line, pick_device
 from neurallm.settings import settings_of, split_settings
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.loop import Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **settings) -> PreparedCorpus:
@@ -62,7 +65,11 @@ def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[
     source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="the data")
     source = SourceSettings(data=_data_name(data), **source)
     tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
-    return prepare_corpus(source, tokenizer, vocab, log=log), source, tokenizer, vocab
+    prepared = prepare_corpus(source, tokenizer, vocab, log=log)
+    if not Path(source.data).exists():  # a dataset name: record where it was found, for eval from any folder
+        location = dataset_location(source)
+        source = replace(source, location=None if location is None else str(location))
+    return prepared, source, tokenizer, vocab
 
 
 def _data_name(data: str | Path) -> str:
@@ -123,6 +130,18 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
     return trainer.run(resume=True)
 
 
+# Above this share of <unk> tokens `eval` warns: predicting <unk> is easy (one token stands for every unknown word),
+# so a corpus half made of words the run never saw scores a deceptively *low* perplexity. A run's own WikiText
+# test split has 0% (its rare words are already <unk> in the text, and in the vocabulary).
+UNK_WARN_SHARE = 0.05
+
+
+def unk_share(corpus: PreparedCorpus, split: str) -> float:
+    """Fraction of ``split``'s tokens that were not in the vocabulary when it was encoded."""
+    counts = corpus.meta["splits"][split]
+    return counts["unk"] / max(1, counts["tokens"])
+
+
 @dataclass
 class Run:
     """A trained model loaded from its run directory, ready to evaluate and sample.
@@ -155,18 +174,30 @@ class Run:
             return prepared
         base = self.config.source.to_dict()
         if data is not None:
-            base["data"] = str(data)
+            base["data"], base["location"] = str(data), None
         source = SourceSettings(**{**base, **{k: v for k, v in source_settings.items() if v is not None}})
         return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, log=lambda message: None)
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:
-        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``)."""
-        ids = self.eval_data(data, **source_settings).ids(split)
+        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``), with the share of its
+        tokens that became ``<unk>`` (a warning is logged above :data:`UNK_WARN_SHARE`)."""
+        corpus = self.eval_data(data, **source_settings)
+        ids = corpus.ids(split)
         bptt = self.config.train.bptt
         if naive:
-            return evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
-        return evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+            result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
+        else:
+            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+        result.unk_share = unk_share(corpus, split)
+        if result.unk_share > UNK_WARN_SHARE:
+            where = corpus.meta.get("source", {}).get("data", data)
+            logger.warning(
+                f"warning: {result.unk_share:.1%} of the {split} tokens of {where} are not in the run's vocabulary and "
+                "were scored as <unk>, which makes perplexity look better than it is; compare perplexities only at "
+                "similar <unk> shares"
+            )
+        return result
 
     def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",
                             context: int | None = None, **source_settings) -> list[dict]:

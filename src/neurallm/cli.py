@@ -226,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" else ""
         print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
-              f"{result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
+              f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
     return 0
 
 

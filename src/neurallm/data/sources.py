@@ -58,6 +58,9 @@ class SourceSettings:
     split_ratios: tuple[float, float, float] = setting((0.9, 0.05, 0.05), help="train,valid,test fractions for a single-file source",
                                                        parse=parse_ratios, metavar="TRAIN,VALID,TEST")
     encoding: str = setting("utf-8", help="text encoding of the files, decoded strictly")
+    # Recorded so that a run trained on `--data tinyshakespeare` (found in ../shared/data) can be evaluated from
+    # any folder, offline: the name alone is looked up relative to the working directory.
+    location: str | None = setting(None, help="absolute path of the folder where a dataset name was found", derived=True)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -91,7 +94,7 @@ class Corpus:
     def fingerprint(self, settings: SourceSettings) -> str:
         """Hash of the source files' bytes and of how they are read (not of their path or mtime)."""
         digest = hashlib.sha256()
-        reading = {k: v for k, v in settings.to_dict().items() if k != "data"}
+        reading = {k: v for k, v in settings.to_dict().items() if k not in ("data", "location")}
         digest.update(json.dumps(reading, sort_keys=True).encode())
         for path in self.files:
             with open(path, "rb") as f:
@@ -108,7 +111,7 @@ def open_corpus(settings: SourceSettings) -> Corpus:
         DataError: the path does not exist, a split file is missing, a file is empty or binary, a CSV
             column or JSONL field is missing.
     """
-    kind = settings.format if settings.format != "auto" else _detect_format(settings.data)
+    kind = settings.format if settings.format != "auto" else _detect_format(settings.data, settings.location)
     path = Path(settings.data)
     if kind == "registry":
         return _open_registered(settings)
@@ -132,8 +135,10 @@ def open_corpus(settings: SourceSettings) -> Corpus:
     raise AssertionError(kind)
 
 
-def _detect_format(data: str) -> str:
+def _detect_format(data: str, location: str | None = None) -> str:
     path = Path(data)
+    if location is not None and Path(location).is_dir() and not path.exists():
+        return "registry"  # a dataset name whose folder was recorded
     if path.is_dir():
         return "dir"
     if path.exists():
@@ -149,13 +154,24 @@ def _detect_format(data: str) -> str:
     return "text"  # does not exist: open_corpus reports it
 
 
+def dataset_location(settings: SourceSettings) -> Path | None:
+    """The folder a dataset name was recorded at (if it still exists) or is found in now; None if neither."""
+    if settings.location is not None and Path(settings.location).is_dir():
+        return Path(settings.location)
+    try:
+        return registry.resolve_dataset(settings.data, download=False).resolve()
+    except DataError:
+        return None
+
+
 def _open_registered(settings: SourceSettings) -> Corpus:
     spec = registry.DATASETS.get(settings.data)
-    if spec is None and (local := registry.find_local(settings.data)) is not None:
+    local = dataset_location(settings)
+    if spec is None and local is not None:
         return _open_folder(local, settings)
     if spec is None:
         raise DataError(f"--data {settings.data}: not a registered dataset; known: {', '.join(sorted(registry.DATASETS))}")
-    folder = registry.resolve_dataset(settings.data)
+    folder = local or registry.resolve_dataset(settings.data)
     # a downloaded copy has the archive's own layout (wikitext-2/wiki.train.tokens); a local folder may not
     spec_layout = {split: folder / spec.split_files[split] for split in SPLITS if split in spec.split_files}
     if len(spec_layout) == len(SPLITS) and all(path.is_file() for path in spec_layout.values()):
