@@ -315,3 +315,88 @@ def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(word_run, corp
     assert main(["eval", str(word_run)]) == 0  # its own corpus: every word known, no warning
     assert "<unk> 0.0%" in capsys.readouterr().out
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from neurallm.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_flag_of_every_subcommand_shows_its_default_in_its_help():
+    for command, parser in _subparsers().items():
+        for action in parser._actions:
+            switch = action.nargs == 0  # --tied, --json, -h: off unless given
+            if switch or action.required or not action.option_strings:
+                continue
+            assert "(default: " in action.help, f"neurallm {command} {action.option_strings[0]}"
+
+
+def test_the_readme_flag_tables_are_the_parsers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flags_table", REPO / "scripts" / "flags_table.py")
+    flags_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags_table)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert {m[2] for m in flags_table.MARKERS.finditer(readme)} == set(_subparsers()) - {"datasets"}
+    assert flags_table.regenerate(readme) == readme, "README flag tables are stale: python scripts/flags_table.py --write"
+
+
+def test_the_readme_quick_start_is_two_commands_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["./scripts/quickstart.sh", "./scripts/test.sh"]
+    for script in commands:
+        assert os.access(REPO / script, os.X_OK), script
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "\n./scripts/test.sh\n" in ci
+    setup = (REPO / "scripts" / "setup-venv.sh").read_text(encoding="utf-8")
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in setup  # the local CPU wheel, never an unpinned torch
+
+
+def test_save_writes_a_copy_of_the_best_weights_as_safetensors(word_run, corpus, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out, saved = tmp_path / "run", tmp_path / "model.pt"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--save", str(saved)]) == 0
+    assert f"wrote the best weights to {saved}" in capsys.readouterr().out
+    assert saved.read_bytes() == (out / "model.safetensors").read_bytes()
+    assert load_file(str(saved))  # a safetensors file, whatever its name
+
+
+def test_save_into_a_missing_folder_fails_before_training(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--save", str(tmp_path / "no" / "m.pt")]) == 1
+    assert "--save" in capsys.readouterr().err and not out.exists()
+
+
+def test_onnx_export_runs_after_training_or_fails_before_it_in_one_line(corpus, tmp_path, capsys):
+    import importlib.util
+
+    out, onnx = tmp_path / "run", tmp_path / "model.onnx"
+    code = main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--onnx-export", str(onnx)])
+    if importlib.util.find_spec("neurallm.export") is None:
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("neurallm train: error: --onnx-export") and err.count("\n") == 1
+        assert not out.exists()  # refused before any training
+    else:
+        assert code == 0 and onnx.is_file()
+
+
+def test_the_pytorch_examples_generate_spellings_are_aliases(word_run, tmp_path, capsys):
+    ours, theirs = tmp_path / "ours.txt", tmp_path / "theirs.txt"
+    assert main(["generate", str(word_run), "--tokens", "12", "--seed", "5", "--out", str(ours)]) == 0
+    assert main(["generate", str(word_run), "--words", "12", "--seed", "5", "--outf", str(theirs)]) == 0
+    assert theirs.read_text(encoding="utf-8") == ours.read_text(encoding="utf-8")
+
+
+def test_explain_compare_batch_sizes_keeps_eval_batch_sizes_as_an_alias(capsys):
+    assert main(["explain", "--range", "1..40", "--eval", "--compare-batch-sizes", "5,8"]) == 0
+    new = capsys.readouterr().out
+    assert main(["explain", "--range", "1..40", "--eval", "--eval-batch-sizes", "5,8"]) == 0
+    assert capsys.readouterr().out == new and "batch size 5" in new

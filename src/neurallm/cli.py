@@ -61,25 +61,33 @@ def _argparse_type(s: Setting) -> Callable[[str], object]:
     return parse
 
 
-def add_setting_flag(group, s: Setting, *, required: bool = False) -> None:
-    """Add the flag of one setting; its value stays None unless the user gives it."""
+def add_setting_flag(group, s: Setting, *, required: bool = False, default_text: str | None = None) -> None:
+    """Add the flag of one setting; its value stays None unless the user gives it.
+
+    ``default_text`` describes the default where it depends on the subcommand (``eval --data``: the run's own).
+    """
     names = (s.flag, *s.aliases)
+    if required:
+        help_text = f"{s.help} (required)"
+    elif default_text is not None:
+        help_text = f"{s.help} (default: {default_text})"
+    else:
+        help_text = s.help_with_default()
     if s.kind is bool:
-        group.add_argument(*names, dest=s.name, action="store_true", default=None, help=s.help_with_default())
+        group.add_argument(*names, dest=s.name, action="store_true", default=None, help=help_text)
     else:
         # the placeholder follows the flag, not the field: `--context N`'s value is named CONTEXT, not EVAL_CONTEXT
         metavar = s.metavar or (None if s.choices else s.flag.lstrip("-").replace("-", "_").upper())
         group.add_argument(*names, dest=s.name, type=_argparse_type(s), choices=s.choices, metavar=metavar,
-                           required=required, help=s.help_with_default())
+                           required=required, help=help_text)
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, title: str, *classes: type, skip: tuple[str, ...] = (),
-                      required: tuple[str, ...] = ()) -> None:
-    """One argument group with a flag per setting of ``classes`` (except ``skip``)."""
+def add_setting_flags(parser: argparse.ArgumentParser, title: str, *classes: type,
+                      required: tuple[str, ...] = (), default_texts: dict[str, str] | None = None) -> None:
+    """One argument group with a flag per setting of ``classes``."""
     group = parser.add_argument_group(title)
     for s in settings_of(*classes):
-        if s.name not in skip:
-            add_setting_flag(group, s, required=s.name in required)
+        add_setting_flag(group, s, required=s.name in required, default_text=(default_texts or {}).get(s.name))
 
 
 def given_settings(args: argparse.Namespace, *classes: type) -> dict:
@@ -88,8 +96,12 @@ def given_settings(args: argparse.Namespace, *classes: type) -> dict:
             if s.name != "data" and getattr(args, s.name, None) is not None}
 
 
-def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
-    add_setting_flags(p, "data", SourceSettings, required=("data",) if required else ())
+def _add_data_flags(p: argparse.ArgumentParser, *, data_default: str | None) -> None:
+    """The data group; ``data_default`` None makes ``--data`` required."""
+    if data_default is None:
+        add_setting_flags(p, "data", SourceSettings, required=("data",))
+    else:
+        add_setting_flags(p, "data", SourceSettings, default_texts={"data": data_default})
 
 
 def _add_context_flag(p: argparse.ArgumentParser, default_text: str, *, default: int | None = None) -> None:
@@ -108,7 +120,7 @@ def _add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
 # --- subcommands: one function adds the flags, one runs it ------------------------------------------------------
 
 def add_prepare_flags(p: argparse.ArgumentParser) -> None:
-    _add_data_flags(p, required=True)
+    _add_data_flags(p, data_default=None)
     add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
     p.add_argument("--out", help="folder to write (default: the cache, keyed by data and settings)")
 
@@ -122,12 +134,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    _add_data_flags(p, required=False)
+    _add_data_flags(p, data_default="none; required unless --resume")
     add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
     add_setting_flags(p, "model", ModelConfig)
     add_setting_flags(p, "training", TrainConfig)
     g = p.add_argument_group("run directory and outputs")
-    g.add_argument("--out", required=True, help="run directory (required)")
+    g.add_argument("--out", required=True, metavar="RUN", help="run directory (required)")
     g.add_argument("--resume", action="store_true", help="continue --out from last.safetensors")
     g.add_argument("--force", action="store_true", help="replace an existing run directory")
     g.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
@@ -191,7 +203,7 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    _add_data_flags(p, required=False)
+    _add_data_flags(p, data_default="the run's own corpus")
     g = p.add_argument_group("evaluation")
     g.add_argument("--split", choices=["train", "valid", "test"], default="test", help=_with_default("split to score", "test"))
     g.add_argument("--batch-size", type=int, default=10,
