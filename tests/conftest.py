@@ -56,3 +56,18 @@ def tiny_corpus(tmp_path) -> Path:
 
 TINY_MODEL = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0, batch_size=4, bptt=8, epochs=1, lr=2.0,
                   eval_batch_size=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny word-level LSTM trained for 2 epochs (metrics, curves.png, results.json all written).
+
+    Shared by the session: tests that change a run must copy it first.
+    """
+    import neurallm
+
+    root = tmp_path_factory.mktemp("trained-run")
+    corpus = write_patterned_corpus(root / "corpus", lines=200)
+    settings = {**TINY_MODEL, "epochs": 2}
+    neurallm.train(corpus, root / "run", progress=False, log=lambda message: None, **settings)
+    return root / "run"

@@ -139,11 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4, help="burn-in of the exact layout in the --eval view (default 4)")
 
     sub.add_parser("datasets", help="list the registered datasets and where each is found")
+
+    p = sub.add_parser("serve", help="serve a run: a web page and an HTTP API (generate, stream, score)")
+    p.add_argument("run", help="run directory")
+    _add_dataclass_flags(p, "ServeConfig")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    p = sub.add_parser("plot", help="draw the training curves of one or more runs into one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
+    p.add_argument("--out", required=True, help="PNG file to write")
     for command_parser in sub.choices.values():
         # `neurallm train --debug …` works as well as `neurallm --debug train …`; SUPPRESS leaves the top-level
         # value alone when the flag is not repeated after the subcommand.
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, config_name: str) -> None:
+    """One flag per field of a config dataclass, its help and default from the field."""
+    from dataclasses import MISSING, fields
+
+    from neurallm import config
+
+    for f in fields(getattr(config, config_name)):
+        default = f.default if f.default is not MISSING else None
+        kind = {"int": int, "float": float}.get(f.type, str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                       help=f"{f.metadata.get('help', '')} (default {default})")
 
 
 _DATA_KEYS = ("format", "text_column", "text_field", "split_ratios", "encoding")
@@ -244,8 +267,26 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from neurallm.config import ServeConfig
+    from neurallm.server import serve
+
+    settings = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    serve(args.run, settings, checkpoint=args.checkpoint, device=args.device)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from neurallm.plots import plot_runs
+
+    print(f"wrote {plot_runs([Path(run) for run in args.runs], Path(args.out))}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "explain": cmd_explain, "datasets": cmd_datasets}
+            "explain": cmd_explain, "datasets": cmd_datasets, "serve": cmd_serve, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ and evaluated without the command line that made it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import VocabSettings
@@ -172,3 +172,22 @@ class RunConfig:
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{source}: not a complete neurallm run configuration (missing {exc})") from None
+
+
+@dataclass
+class ServeConfig:
+    """How ``neurallm serve`` listens and what it accepts (every request is checked against these limits)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 127.0.0.1 keeps the server private to this machine"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    max_tokens: int = field(default=1000, metadata={"help": "largest `tokens` a generation request may ask for"})
+    max_prompt_chars: int = field(default=4000, metadata={"help": "longest prompt (and scored text) accepted, in characters"})
+    max_queue: int = field(default=64, metadata={"help": "requests running or waiting for the model; more get 503 + Retry-After"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds a request may wait and run before it gets 504"})
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535 or self.port == 0, f"--port must be 1..65535, got {self.port}")
+        _require(self.max_tokens >= 1, f"--max-tokens must be at least 1, got {self.max_tokens}")
+        _require(self.max_prompt_chars >= 1, f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
+        _require(self.max_queue >= 1, f"--max-queue must be at least 1, got {self.max_queue}")
+        _require(self.timeout > 0, f"--timeout must be positive seconds, got {self.timeout}")
