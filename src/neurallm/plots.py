@@ -54,13 +54,15 @@ class Curves:
 def read_run_curves(run_dir: Path) -> Curves:
     """The curves of a run directory, from its ``metrics.jsonl`` and ``config.json``."""
     run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a neurallm run directory (no {CONFIG_FILE}); give the --out folder of `neurallm train`")
     try:
         level = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["tokenizer"]["level"]
         lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         return Curves.from_metrics(run_dir.resolve().name, level, records)
     except FileNotFoundError as exc:
-        raise RunDirError(f"{run_dir}: no {Path(exc.filename).name}; give the --out folder of a run that finished an epoch") from None
+        raise RunDirError(f"{run_dir}: no {Path(exc.filename).name} yet; plot it after its first epoch") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"{run_dir}: cannot read its metrics ({exc.__class__.__name__}: {exc}); the run directory is damaged") from None
 

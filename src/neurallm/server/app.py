@@ -40,7 +40,7 @@ from neurallm.errors import NeurallmError
 from neurallm.generation import continue_text, iter_generate, prompt_to_tokens
 from neurallm.scoring import score_texts
 from neurallm.server.facts import model_facts
-from neurallm.server.limits import BodyLimit, BodyTooLarge
+from neurallm.server.limits import BodyLimit
 from neurallm.server.schemas import ErrorResponse, GenerateResponse, ScoreResponse, TokenLogprob, request_models
 from neurallm.server.worker import Deadline, DeadlinePassed, ModelWorker, QueueFull
 
@@ -97,10 +97,6 @@ def create_app(run: Run, settings: ServeConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, headers=exc.headers)
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return _error(413, str(exc))
 
     async def on_worker(fn: Callable, *args, deadline: Deadline):
         """Run ``fn(*args)`` on the model worker and wait for it, mapping its failures to API errors."""
