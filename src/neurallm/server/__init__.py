@@ -38,4 +38,8 @@ def serve(run_dir: str | Path, settings: ServeConfig, *, checkpoint: str = "best
     host, port = sock.getsockname()[:2]
     print(f"serving {run.folder} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down cleanly and re-raises the Ctrl-C; for a server that is the normal way to stop
+    print("server stopped", flush=True)
