@@ -313,6 +313,35 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.config import ServeConfig
+
+    p.add_argument("run", help="run directory")
+    add_setting_flags(p, "server", ServeConfig)
+    _add_checkpoint_flag(p)
+    _add_device_flag(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from neurallm.config import ServeConfig
+    from neurallm.server import serve
+
+    serve(args.run, ServeConfig(**given_settings(args, ServeConfig)), checkpoint=args.checkpoint, device=args.device)
+    return 0
+
+
+def add_plot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from neurallm.plots import plot_runs
+
+    print(f"wrote {plot_runs([Path(run) for run in args.runs], Path(args.out))}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Subcommand:
     """One ``neurallm`` subcommand: its one-line help, a function adding its flags, and the function running it."""
@@ -329,6 +358,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "generate": Subcommand("sample text from a run", add_generate_flags, cmd_generate),
     "explain": Subcommand("show how a text is batchified and cut into BPTT windows", add_explain_flags, cmd_explain),
     "datasets": Subcommand("list the registered datasets and where each is found", add_datasets_flags, cmd_datasets),
+    "serve": Subcommand("serve a run: a web page and an HTTP API (generate, stream, score)", add_serve_flags, cmd_serve),
+    "plot": Subcommand("draw the training curves of one or more runs into one PNG", add_plot_flags, cmd_plot),
 }
 
 

@@ -33,6 +33,7 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
+from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
@@ -332,6 +333,7 @@ class Trainer:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
+        write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
         self.log(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
