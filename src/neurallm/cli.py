@@ -169,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     result = train(args.data, args.out, resume=args.resume, force=args.force, progress=progress,
                    save_every=args.save_every, **settings)
+    if not _is_main_process():  # under torchrun, rank 0 alone writes files and prints
+        return 0
     if args.save:
         _copy_best_weights(result.run_dir, Path(args.save))
     if export_onnx is not None:
@@ -378,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """False in the processes torchrun starts besides rank 0 (read from the environment: no torch import)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
@@ -391,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     except NeurallmError as exc:
         if args.debug:
             raise
-        print(f"neurallm {args.command}: error: {exc}", file=sys.stderr)
+        if _is_main_process():  # under torchrun every rank stops with the same error; one prints it
+            print(f"neurallm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, MemoryError) as exc:
         if args.debug:
