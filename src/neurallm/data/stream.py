@@ -24,6 +24,7 @@ from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
 from neurallm.fileio import atomic_path, atomic_write_json, atomic_write_text
 from neurallm.runtime import log_line
+from neurallm.settings import setting
 
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
@@ -33,15 +34,11 @@ _CHUNK = 1 << 16  # tokens encoded per write
 
 @dataclass(frozen=True)
 class VocabSettings:
-    """How the vocabulary is built from the training split.
+    """How the vocabulary is built from the training split (each field's ``help`` documents it)."""
 
-    Attributes:
-        min_freq: drop tokens seen fewer times than this in train.
-        max_vocab: keep at most this many tokens, specials included (None: no cap).
-    """
-
-    min_freq: int = 1
-    max_vocab: int | None = None
+    min_freq: int = setting(1, help="drop tokens seen fewer times than this in train")
+    max_vocab: int | None = setting(None, help="keep at most this many tokens, specials included",
+                                       default_text="none, no cap")
 
     def __post_init__(self) -> None:
         if self.min_freq < 1:

@@ -37,6 +37,7 @@ from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
+from neurallm.training.progress import IntervalMeter
 
 FAULT_LR_FACTOR = 0.25
 
@@ -50,7 +51,7 @@ class TrainResult:
         epochs_completed: full epochs done (over all resumes).
         best_valid_loss: lowest validation loss (nats per token).
         test: the best model on the test split (None if it was not evaluated).
-        stopped_by: ``epochs``, ``max_time`` or ``interrupt``.
+        stopped_by: ``epochs``, ``max_time``, ``dry_run`` or ``interrupt``.
     """
 
     run_dir: Path
@@ -244,7 +245,14 @@ class Trainer:
         with _StopRequest() as stop:
             while self.epoch < train.epochs and stopped_by == "epochs":
                 stopped_by = self._run_epoch(stop, tokens_per_window)
+        if stopped_by == "max_time":
+            self.log(self._max_time_message())
         return self._finish(stopped_by)
+
+    def _max_time_message(self) -> str:
+        train = self.config.train
+        partial = f" and {self.window:,} of {len(self.batches):,} batches of epoch {self.epoch + 1}" if self.window else ""
+        return f"stopped by --max-time after {self.epoch} of {train.epochs} epochs{partial} ({self.elapsed:.0f}s of training)"
 
     def _run_epoch(self, stop: _StopRequest, tokens_per_window: int) -> str:
         from tqdm.auto import tqdm
@@ -259,6 +267,7 @@ class Trainer:
         stopped_by = "epochs"
         bar = tqdm(total=len(self.batches), initial=self.window, desc=f"epoch {self.epoch + 1}/{train.epochs}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        lines = None if self.progress else IntervalMeter()  # no bar (not a terminal): plain lines instead
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
             loss = self._step(inputs, targets)
@@ -271,12 +280,19 @@ class Trainer:
             tokens += inputs.numel()
             self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
             bar.update(1)
+            if lines is not None:
+                lines.add(loss)
             if self.window % train.log_interval == 0 or self.window == len(self.batches):
                 mean = self.epoch_loss_sum / self.epoch_loss_count
                 rate = tokens / max(1e-9, time.perf_counter() - epoch_started)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
+                if lines is not None:
+                    self.log(lines.line(self.epoch + 1, self.window, len(self.batches), self.schedule.lr))
             if stop.requested:
                 stopped_by = "interrupt"
+                break
+            if train.dry_run:
+                stopped_by = "dry_run"
                 break
             if train.max_time is not None and self.elapsed >= train.max_time:
                 stopped_by = "max_time"
