@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm import __version__
-from neurallm.config import (CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, TRAIN_SETTINGS, ModelConfig, ServeConfig,
-                             TrainConfig)
+from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, TRAIN_SETTINGS, ModelConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
@@ -315,6 +314,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.config import ServeConfig
+
     p.add_argument("run", help="run directory")
     add_setting_flags(p, "server", ServeConfig)
     _add_checkpoint_flag(p)
@@ -322,6 +323,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from neurallm.config import ServeConfig
     from neurallm.server import serve
 
     serve(args.run, ServeConfig(**given_settings(args, ServeConfig)), checkpoint=args.checkpoint, device=args.device)
@@ -330,7 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
-    p.add_argument("--out", required=True, metavar="FILE", help="PNG file to write (required)")
+    p.add_argument("--out", required=True, help="PNG file to write")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("train", "eval", "generate", "serve"):  # only commands that run a model load torch
+        if args.command in ("train", "eval", "generate"):  # only commands that run a model load torch
             from neurallm.runtime import keep_freed_memory
 
             keep_freed_memory()
