@@ -169,7 +169,7 @@ def _target_logprobs(model: LanguageModel, ids: np.ndarray, bptt: int, context: 
     if layout.carries_state:
         # one column over the whole document, read window after window with the state carried
         return _run_column(model, ids, EvalColumn(0, 1, len(ids)), layout.window)
-    columns = plan_sliding_windows(len(ids), max(1, bptt - context), context)
+    columns = plan_sliding_windows(len(ids), max(1, layout.window - context), context)
     return np.concatenate([_run_column(model, ids, column, column.length) for column in columns])
 
 
