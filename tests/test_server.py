@@ -145,6 +145,7 @@ MALFORMED = [
     ('{"seed": -1}', 422), ('{"seed": 99999999999999999999999}', 422), ('{"prompt": 5}', 422),
     ('{"prompt": ["a"]}', 422), ('{"prompt": "' + "x" * 201 + '"}', 422), ('{"max_tokens": 5}', 422),
     ('{"prompt": {"nested": [1, 2, {"deep": null}]}}', 422), ('{"tokens": 5, "tokens": 500}', 422),
+    ('{"prompt": "a lone surrogate \\ud800 cannot be sent back as UTF-8"}', 422), ("[" * 2000 + "]" * 2000, 400),
 ]
 
 
