@@ -87,7 +87,7 @@ def _out_is_file(tmp: Path) -> None:
 
 def _char_prepared(tmp: Path) -> None:
     _corpus(tmp)
-    neurallm.prepare(tmp / "corpus", tmp / "char-prepared", level="char", log=lambda message: None)
+    neurallm.prepare(tmp / "corpus", tmp / "char-prepared", level="char")
 
 
 def train_on(data: str, *flags: str, out: str = "{tmp}/run") -> list[str]:
@@ -176,7 +176,7 @@ def word_run(tmp_path_factory) -> Path:
     """A trained word-level run (one tiny epoch) that the eval/generate/resume cases point at."""
     root = tmp_path_factory.mktemp("bad-input-run")
     corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", log=lambda message: None, **{**TINY_MODEL, "eval_context": 8})
+    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
     return root / "run"
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,9 +26,12 @@ from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
-from neurallm.runtime import keep_freed_memory, log_line, pick_device
+from neurallm.runtime import pick_device
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.loop import Trainer, TrainResult
+
+
+logger = logging.getLogger(__name__)
 
 
 def _split_kwargs(cls, kwargs: dict) -> dict:
@@ -35,7 +39,7 @@ def _split_kwargs(cls, kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **settings) -> PreparedCorpus:
+def prepare(data: str | Path, out: str | Path | None = None, **settings) -> PreparedCorpus:
     """Tokenize a corpus and write its id streams (see :func:`neurallm.data.stream.prepare_corpus`).
 
     Args:
@@ -50,10 +54,10 @@ def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **
     vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
     if settings:
         raise ConfigError(f"unknown setting(s) for prepare: {', '.join(sorted(settings))}")
-    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None, log=log)
+    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None)
 
 
-def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
+def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
     """The prepared corpus for ``data``: a prepared folder as it is, anything else prepared (or reused from cache)."""
     if Path(data).is_dir() and is_prepared(Path(data)):
         prepared = load_prepared(Path(data))
@@ -68,7 +72,7 @@ def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[
     source = SourceSettings(data=_data_name(data), **_split_kwargs(SourceSettings, settings))
     tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
     vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
-    return prepare_corpus(source, tokenizer, vocab, log=log), source, tokenizer, vocab
+    return prepare_corpus(source, tokenizer, vocab), source, tokenizer, vocab
 
 
 def _data_name(data: str | Path) -> str:
@@ -87,7 +91,7 @@ def _reject_unknown(settings: dict) -> None:
 
 
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool | None = None, log=log_line, save_every: float = 300.0, **settings) -> TrainResult:
+          progress: bool | None = None, save_every: float = 300.0, **settings) -> TrainResult:
     """Train a model on ``data`` into the run directory ``out``.
 
     ``settings`` are the fields of ``ModelConfig`` (model, emsize, nhid, nlayers, dropout, tied, nhead, memory),
@@ -95,30 +99,30 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     and of the data settings accepted by :func:`prepare`. With ``resume=True`` the run continues from
     ``last.safetensors``; only ``epochs`` and ``max_time`` may differ from the saved configuration.
 
-    Like the CLI, it asks glibc to keep freed memory for reuse (:func:`neurallm.runtime.keep_freed_memory`),
-    which nearly doubles CPU training speed; the process keeps that memory until it exits.
+    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
+    function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
+    the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
-    keep_freed_memory()
     out = Path(out)
     settings = dict(settings)
     _reject_unknown(settings)
     if resume:
-        return _resume(out, data, settings, progress=progress, log=log, save_every=save_every)
+        return _resume(out, data, settings, progress=progress, save_every=save_every)
     model_settings = _split_kwargs(ModelConfig, settings)
     train_settings = _split_kwargs(TrainConfig, settings)
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
     ckpt.check_new_run_dir(out, force)
-    prepared, source, tokenizer, vocab_settings = open_training_data(data, settings, log)
+    prepared, source, tokenizer, vocab_settings = open_training_data(data, settings)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
     # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
     # run: a setting that fails here must leave no half-made run that blocks the corrected command.
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
     ckpt.write_run_files(out, config, prepared.vocab)
-    log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+    logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
     return trainer.run()
 
@@ -127,7 +131,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
 RESUME_MUTABLE = {"epochs", "max_time"}
 
 
-def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> TrainResult:
+def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
     config = ckpt.read_run_config(out)
     if not (out / ckpt.LAST_FILE).is_file():
         raise ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE}: it stopped before its first checkpoint, so there is nothing "
@@ -155,9 +159,9 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
     if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
         prepared = load_prepared(Path(config.source.data))
     else:
-        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab, log=log)
+        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab)
     ckpt.write_run_files(out, config, prepared.vocab)
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     return trainer.run(resume=True)
 
 
@@ -195,7 +199,7 @@ class Run:
         if data is not None:
             base["data"] = str(data)
         source = SourceSettings(**{**base, **{k: v for k, v in source_settings.items() if v is not None}})
-        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, log=lambda message: None)
+        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab)
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -248,11 +249,34 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "gener
             "explain": cmd_explain, "datasets": cmd_datasets}
 
 
+class _PlainLines(logging.StreamHandler):
+    """Each log record as its bare message on the *current* standard output (so pytest's capture sees it too),
+    flushed at once even when stdout is a file or a pipe, as the progress lines were printed before."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stdout
+
+
+def configure_logging() -> None:
+    """The library logs through ``logging.getLogger("neurallm....")``; the command prints those lines plainly."""
+    logger = logging.getLogger("neurallm")
+    if not any(isinstance(h, _PlainLines) for h in logger.handlers):
+        logger.addHandler(_PlainLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines are printed once, here, not again by a root handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()
+    configure_logging()
+    keep_freed_memory()  # a process-wide setting: the command owns its process, the library does not
     try:
         return COMMANDS[args.command](args)
     except NeurallmError as exc:

@@ -93,7 +93,7 @@ def test_bad_split_ratios_are_a_config_error(tmp_path, ratios):
 
 def test_a_file_too_short_to_split_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="too few to split"):
-        _open(_numbered_file(tmp_path / "short.txt", 5))
+        list(_open(_numbered_file(tmp_path / "short.txt", 5)).lines("train"))
 
 
 # --- CSV ---------------------------------------------------------------------------------------------------
@@ -206,17 +206,3 @@ def test_a_name_found_nowhere_lists_the_known_datasets(monkeypatch, tmp_path):
     monkeypatch.delenv("NEURALLM_DATA", raising=False)
     with pytest.raises(DataError, match="tinyshakespeare"):
         _open("no-such-corpus")
-
-
-# --- fingerprint -------------------------------------------------------------------------------------------
-
-
-def test_the_fingerprint_depends_on_the_bytes_and_settings_not_the_path(tmp_path):
-    a = _numbered_file(tmp_path / "a.txt", 40)
-    b = _numbered_file(tmp_path / "b.txt", 40)
-    settings_a, settings_b = SourceSettings(data=str(a)), SourceSettings(data=str(b))
-    assert open_corpus(settings_a).fingerprint(settings_a) == open_corpus(settings_b).fingerprint(settings_b)
-    other_ratios = SourceSettings(data=str(a), split_ratios=(0.8, 0.1, 0.1))
-    assert open_corpus(other_ratios).fingerprint(other_ratios) != open_corpus(settings_a).fingerprint(settings_a)
-    _numbered_file(b, 41)
-    assert open_corpus(settings_b).fingerprint(settings_b) != open_corpus(settings_a).fingerprint(settings_a)

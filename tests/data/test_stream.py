@@ -9,20 +9,15 @@ import numpy as np
 import pytest
 
 from neurallm.api import prepare
-from neurallm.data import stream
-from neurallm.data.sources import SPLITS
+from neurallm.data.sources import SPLITS, SourceFile
 from neurallm.data.stream import load_prepared
 from neurallm.data.tokenizers import UNK, TokenizerSettings, detokenize
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 def _prepare(data, out=None, **settings):
-    return prepare(data, out, log=_quiet, **settings)
+    return prepare(data, out, **settings)
 
 
 def test_prepare_writes_id_streams_vocab_and_meta(tiny_corpus, tmp_path):
@@ -82,20 +77,21 @@ def test_preparing_again_reuses_the_folder_without_rewriting(tiny_corpus, tmp_pa
     first = _prepare(tiny_corpus, out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    def must_not_encode(*args, **kwargs):
-        raise AssertionError("a prepared corpus was encoded again")
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the source of a prepared corpus was read again")
 
-    monkeypatch.setattr(stream, "_encode_split", must_not_encode)
+    monkeypatch.setattr(SourceFile, "lines", must_not_read)
     second = _prepare(tiny_corpus, out)
     assert second.meta["key"] == first.meta["key"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
 
-def test_the_default_cache_folder_is_named_by_the_key_and_reused(tiny_corpus, tmp_path, monkeypatch):
+def test_the_default_cache_folder_is_named_by_the_files_and_settings_and_reused_without_reading(tiny_corpus, tmp_path,
+                                                                                                 monkeypatch):
     monkeypatch.setenv("NEURALLM_CACHE", str(tmp_path / "cache"))
     first = _prepare(tiny_corpus)
-    assert first.folder == tmp_path / "cache" / "prepared" / first.meta["key"]
-    monkeypatch.setattr(stream, "_encode_split", lambda *a, **k: pytest.fail("encoded again"))
+    assert first.folder == tmp_path / "cache" / "prepared" / first.meta["source_key"]
+    monkeypatch.setattr(SourceFile, "lines", lambda *a, **k: pytest.fail("the source was read again"))
     assert _prepare(tiny_corpus).folder == first.folder
 
 

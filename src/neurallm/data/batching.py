@@ -32,30 +32,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neurallm.data.windows import (  # noqa: F401  (re-exported: the planning half of batching, without torch)
+    EvalColumn,
+    column_rows,
+    plan_eval_columns,
+    plan_sliding_windows,
+    window_length,
+    window_starts,
+)
 from neurallm.errors import ConfigError
 
 
 def batchify(ids: torch.Tensor | np.ndarray, batch_size: int) -> torch.Tensor:
     """Arrange a 1-D id stream into ``batch_size`` columns, shape ``(rows, batch_size)``; the tail is dropped."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
-    rows = ids.numel() // batch_size
-    if rows < 2:
-        raise ConfigError(
-            f"--batch-size {batch_size} leaves fewer than 2 tokens per column of a {ids.numel()}-token stream; lower it"
-        )
+    rows = column_rows(ids.numel(), batch_size)
     # column j holds ids[j*rows : (j+1)*rows]: reshape row-major to (B, rows), then transpose to time-major
     return ids[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 
 def get_batch(stream: torch.Tensor, row: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The window of ``stream`` starting at ``row``: input ``(T, B)`` and target ``(T, B)``, ``T <= bptt``."""
-    length = min(bptt, stream.size(0) - 1 - row)
+    length = window_length(stream.size(0), row, bptt)
     return stream[row : row + length], stream[row + 1 : row + 1 + length]
-
-
-def window_starts(rows: int, bptt: int) -> range:
-    """First rows of the windows over a ``(rows, B)`` stream: 0, bptt, 2·bptt, … while a target remains."""
-    return range(0, rows - 1, bptt)
 
 
 @dataclass
@@ -122,68 +121,3 @@ class ShuffledWindows:
 
     def tokens_per_epoch(self) -> int:
         return self._n_windows * self.bptt
-
-
-@dataclass(frozen=True)
-class EvalColumn:
-    """One column of exact evaluation: run ``tokens[start:score_stop-1]``, score targets ``[score_start, score_stop)``.
-
-    The inputs before ``score_start - 1`` are a burn-in: they build up the state (or attention context) that
-    the first scored token needs and are not scored themselves.
-    """
-
-    start: int
-    score_start: int
-    score_stop: int
-
-    @property
-    def burn_in(self) -> int:
-        return self.score_start - 1 - self.start
-
-    @property
-    def length(self) -> int:
-        """Input positions the column runs (burn-in included)."""
-        return self.score_stop - 1 - self.start
-
-
-def plan_eval_columns(n_tokens: int, n_columns: int, context: int, align: int = 1) -> list[EvalColumn]:
-    """Cut the targets of an ``n_tokens`` stream into ``n_columns`` contiguous parts, each with a burn-in.
-
-    Every token after the first is a target of exactly one column, so nothing is trimmed; the columns differ
-    in length by at most one. A column whose first target is token ``t`` starts running at
-    ``max(0, t - 1 - context)``: each scored token sees at least ``min(t, context + 1)`` real tokens of history,
-    whatever ``n_columns`` is. With the 26-letter alphabet, 4 columns and ``context=2``::
-
-        column 0: run a..g        score b..h   (starts cold at the start of the text, like batch size 1)
-        column 1: run f g h..m    score i..n   (f g run as burn-in, not scored)
-        column 2: run l m n..s    score o..t
-        column 3: run r s t..y    score u..z
-
-    ``align`` moves each start back to a multiple of ``align``: a model whose output depends on where its
-    windows begin (the Transformer with memory) then cuts every column into the same windows as batch size 1.
-    """
-    n_targets = n_tokens - 1
-    if n_targets < 1:
-        raise ConfigError(f"cannot evaluate a stream of {n_tokens} token(s); at least 2 are needed")
-    n_columns = max(1, min(n_columns, n_targets))
-    base, extra = divmod(n_targets, n_columns)
-    columns = []
-    first_target = 1
-    for j in range(n_columns):
-        size = base + (1 if j < extra else 0)
-        start = max(0, first_target - 1 - context) // align * align
-        columns.append(EvalColumn(start, first_target, first_target + size))
-        first_target += size
-    return columns
-
-
-def plan_sliding_windows(n_tokens: int, stride: int, context: int) -> list[EvalColumn]:
-    """Columns of ``stride`` targets, each with up to ``context`` tokens of burn-in: the sliding-window
-    evaluation of a model that carries no state, where each column is run as one window."""
-    if stride < 1:
-        raise ConfigError(f"evaluation stride must be at least 1, got {stride}")
-    n_targets = n_tokens - 1
-    return [
-        EvalColumn(max(0, t - 1 - context), t, min(t + stride, n_tokens))
-        for t in range(1, n_targets + 1, stride)
-    ]

@@ -15,12 +15,12 @@ checkpoints intact.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +33,11 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
-from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
+
+logger = logging.getLogger(__name__)
 
 FAULT_LR_FACTOR = 0.25
 
@@ -96,13 +98,11 @@ class Trainer:
         data: PreparedCorpus,
         *,
         progress: bool | None = None,
-        log: Callable[[str], None] = log_line,
         save_every: float = 300.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.data = data
-        self.log = log
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.save_every = save_every
         train = config.train
@@ -220,7 +220,7 @@ class Trainer:
         self.restore_last(full=False)
         self.schedule.scale(FAULT_LR_FACTOR)
         self.state = self._cold_state()
-        self.log(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
+        logger.warning(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
 
     def validate(self) -> EvalResult:
         train = self.config.train
@@ -234,7 +234,7 @@ class Trainer:
         if resume:
             ckpt.remove_stale_temp_files(self.run_dir)
             self.restore_last(full=True)
-            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
+            logger.info(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
         else:
             self.save_best(math.inf)
             self.save_last()
@@ -286,7 +286,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - epoch_started
         if stopped_by == "interrupt":
-            self.log("interrupted: saving the current state and evaluating the best model")
+            logger.info("interrupted: saving the current state and evaluating the best model")
             self.save_last()
             return stopped_by
         valid = self.validate()
@@ -316,7 +316,7 @@ class Trainer:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
-        self.log(
+        logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
             f"{record['tokens_per_s']:,.0f} tok/s"
@@ -334,5 +334,5 @@ class Trainer:
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
         ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
-        self.log(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
+        logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
