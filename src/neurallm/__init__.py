@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # public name → the module that defines it
 _LAZY = {
-    "Run": "neurallm.api", "load_run": "neurallm.api", "prepare": "neurallm.api", "train": "neurallm.api",
+    "Run": "neurallm.api", "load_run": "neurallm.api", "prepare": "neurallm.data.prepare", "train": "neurallm.api",
     "ConfigError": "neurallm.errors", "DataError": "neurallm.errors", "NeurallmError": "neurallm.errors",
     "RunDirError": "neurallm.errors", "TrainingError": "neurallm.errors",
     "EvalResult": "neurallm.evaluation", "evaluate": "neurallm.evaluation", "evaluate_naive": "neurallm.evaluation",
@@ -48,7 +48,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from neurallm.api import Run, load_run, prepare, train
+    from neurallm.api import Run, load_run, train
+    from neurallm.data.prepare import prepare
     from neurallm.errors import ConfigError, DataError, NeurallmError, RunDirError, TrainingError
     from neurallm.evaluation import EvalResult, evaluate, evaluate_naive
     from neurallm.explain import explain_evaluation, explain_training

@@ -19,6 +19,7 @@ from torch import nn
 
 from neurallm.config import ModelConfig, RunConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
+from neurallm.data.prepare import prepare, split_kwargs  # noqa: F401  (prepare: part of this API, without torch)
 from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
@@ -34,29 +35,6 @@ from neurallm.training.loop import Trainer, TrainResult
 logger = logging.getLogger(__name__)
 
 
-def _split_kwargs(cls, kwargs: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-
-
-def prepare(data: str | Path, out: str | Path | None = None, **settings) -> PreparedCorpus:
-    """Tokenize a corpus and write its id streams (see :func:`neurallm.data.stream.prepare_corpus`).
-
-    Args:
-        data: folder, file or registered dataset name.
-        out: folder to write; default a cache folder keyed by the data and settings.
-        **settings: fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
-            ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab).
-    """
-    settings = dict(settings)
-    source = SourceSettings(data=str(data), **_split_kwargs(SourceSettings, settings))
-    tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
-    vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
-    if settings:
-        raise ConfigError(f"unknown setting(s) for prepare: {', '.join(sorted(settings))}")
-    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None)
-
-
 def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
     """The prepared corpus for ``data``: a prepared folder as it is, anything else prepared (or reused from cache)."""
     if Path(data).is_dir() and is_prepared(Path(data)):
@@ -69,9 +47,9 @@ def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus
         source = SourceSettings(**{**meta["source"], "split_ratios": tuple(meta["source"]["split_ratios"])})
         return prepared, source, prepared.tokenizer, VocabSettings(**meta["vocab_settings"])
     settings = dict(settings)
-    source = SourceSettings(data=_data_name(data), **_split_kwargs(SourceSettings, settings))
-    tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
-    vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
+    source = SourceSettings(data=_data_name(data), **split_kwargs(SourceSettings, settings))
+    tokenizer = TokenizerSettings(**split_kwargs(TokenizerSettings, settings))
+    vocab = VocabSettings(**split_kwargs(VocabSettings, settings))
     return prepare_corpus(source, tokenizer, vocab), source, tokenizer, vocab
 
 
@@ -108,8 +86,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     _reject_unknown(settings)
     if resume:
         return _resume(out, data, settings, progress=progress, save_every=save_every)
-    model_settings = _split_kwargs(ModelConfig, settings)
-    train_settings = _split_kwargs(TrainConfig, settings)
+    model_settings = split_kwargs(ModelConfig, settings)
+    train_settings = split_kwargs(TrainConfig, settings)
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work

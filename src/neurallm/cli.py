@@ -160,7 +160,7 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from neurallm.api import prepare
+    from neurallm.data.prepare import prepare  # not neurallm.api: preparing needs no torch
 
     prepared = prepare(args.data, args.out, **_given(args, _DATA_KEYS + _TOKENIZER_KEYS))
     print(f"prepared {prepared.folder} (vocabulary {len(prepared.vocab):,})")

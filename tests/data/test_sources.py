@@ -206,3 +206,57 @@ def test_a_name_found_nowhere_lists_the_known_datasets(monkeypatch, tmp_path):
     monkeypatch.delenv("NEURALLM_DATA", raising=False)
     with pytest.raises(DataError, match="tinyshakespeare"):
         _open("no-such-corpus")
+
+
+# --- encodings (issue 11, item 9) --------------------------------------------------------------------------
+
+
+def test_a_csv_with_a_byte_order_mark_names_its_first_column_without_the_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    rows = "title,text\n" + "".join(f"title {i},body {i}\n" for i in range(40))
+    path.write_bytes(b"\xef\xbb\xbf" + rows.encode("utf-8"))  # what Excel's "CSV UTF-8" writes
+    lines = _lines(_open(path, text_column="title,text"))
+    assert lines["train"][0] == "title 0 body 0"
+
+
+def test_a_text_file_with_a_byte_order_mark_does_not_glue_it_to_the_first_word(tmp_path):
+    path = tmp_path / "notepad.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(f"line {i}\n" for i in range(40)).encode("utf-8"))
+    assert _lines(_open(path))["train"][0] == "line 0"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_files_read_with_their_encoding(tmp_path, encoding):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split in SPLITS:
+        (folder / f"{split}.txt").write_text(f"größe {split}\nzweite zeile\n", encoding=encoding)
+    lines = _lines(_open(folder, encoding=encoding))
+    assert lines == {split: [f"größe {split}", "zweite zeile"] for split in SPLITS}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_utf16_file_read_as_utf8_names_the_encoding_to_pass(tmp_path, encoding):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(40)), encoding=encoding)
+    with pytest.raises(DataError, match=f"wide.txt starts with a {encoding.upper()} byte-order mark; read it with --encoding {encoding}"):
+        _open(path)
+
+
+@pytest.mark.parametrize("bad_at", [5, 8191, 8192, 65_537, 300_003])
+def test_a_decoding_error_gives_the_offset_of_the_bad_byte_in_the_file(tmp_path, bad_at):
+    """Python's reader reports offsets within the block it was decoding; the user needs the file's offset."""
+    text = ("abcdefghi\n" * (bad_at // 10 + 1)).encode()[:bad_at]
+    path = tmp_path / "bad.txt"
+    path.write_bytes(text + b"\xff" + b"\nmore text\n" * 50)
+    with pytest.raises(DataError) as error:
+        list(_open(path).lines("train"))
+    assert f"(byte {bad_at} of the file: invalid start byte)" in str(error.value)
+
+
+def test_a_character_cut_by_a_block_end_is_located_at_its_first_byte(tmp_path):
+    path = tmp_path / "cut.txt"
+    head = b"a" * 65_535 + "é".encode()  # é straddles the 64 KiB block boundary
+    path.write_bytes(head + b"\xe9 not utf-8\n" + b"fine\n" * 50)
+    with pytest.raises(DataError, match=f"byte {len(head)} of the file"):
+        list(_open(path).lines("train"))

@@ -321,10 +321,22 @@ def _check_text_file(path: Path, encoding: str = "utf-8") -> None:
         head = f.read(8192)
     if not head:
         raise DataError(f"{path} is empty; give a file with text in it")
+    wide = _wide_encoding_by_mark(head)
+    if wide and not codecs.lookup(encoding).name.startswith(wide):
+        raise DataError(f"{path} starts with a {wide.upper()} byte-order mark; read it with --encoding {wide}")
     # NUL characters mark a binary file; look for them in the decoded text, since UTF-16 and UTF-32 text is full
     # of NUL bytes (a bad byte here is reported, with its offset, when the file is read)
     if "\0" in codecs.getincrementaldecoder(_decoding(encoding))(errors="replace").decode(head):
         raise DataError(f"{path} looks binary (it contains NUL bytes); give a text file")
+
+
+def _wide_encoding_by_mark(head: bytes) -> str | None:
+    """``utf-16``/``utf-32`` when ``head`` starts with their byte-order mark (UTF-32 LE's begins like UTF-16 LE's)."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
 def _text_lines(f: TextIO) -> Iterator[str]:

@@ -58,7 +58,7 @@ SPLIT_FILES = tuple(f"{split}.npy" for split in SPLITS)
 FORMAT_VERSION = 2  # 2: whole-folder swap, per-split dtype, max_id and sha256 in meta
 _PROVISIONAL = np.dtype(np.uint32)
 _SPOOL_ITEMS = 1 << 18  # provisional ids held in memory before they are appended to the temp file
-_BLOCK = 1 << 22  # ids remapped and written per step (16 MB of provisional ids)
+_BLOCK = 1 << 20  # ids remapped and written per step (4 MB of provisional ids)
 _MAX_META_BYTES = 1 << 20
 
 
@@ -287,7 +287,7 @@ def prepare_corpus(
     level = logging.INFO if vocab_given is None else logging.DEBUG
     for split, entry in meta["splits"].items():
         logger.log(level, f"{split}: {entry['tokens']:,} tokens, {entry['unk']:,} replaced by <unk>")
-    return PreparedCorpus(folder, vocab, meta)
+    return load_prepared(folder)  # what a later run will see, checked once now
 
 
 class _CountingDigest:
