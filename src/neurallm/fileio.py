@@ -144,7 +144,8 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
+    _remove_orphans(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
     try:
         os.chmod(tmp, 0o777 & ~_current_umask())
         yield tmp
@@ -155,7 +156,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         if folder.exists() and _exchange(tmp, folder):
             pass  # tmp now names the old folder
         elif folder.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
             os.replace(folder, aside)  # replaces the empty placeholder folder
             os.replace(tmp, folder)
             tmp = aside
@@ -164,6 +165,25 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         _fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete temp folders of :func:`atomic_folder` for ``folder`` whose process is gone (killed with -9)."""
+    orphan = re.compile(re.escape(f".{folder.name}.") + r"(\d+)\.\w+" + re.escape(_TEMP_SUFFIX))
+    for sibling in folder.parent.iterdir():
+        match = orphan.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive, another user's (or not a pid we can judge): leave it
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

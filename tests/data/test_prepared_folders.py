@@ -280,3 +280,19 @@ def test_every_split_is_checked_in_a_fresh_folder(tmp_path):
     for split in SPLITS:
         ids = prepared.ids(split)
         assert prepared.meta["arrays"][split]["max_id"] == int(ids.max()) < len(prepared.vocab)
+
+
+def test_the_temp_folder_of_a_killed_prepare_is_removed_by_the_next_one(tmp_path):
+    corpus = _corpus(tmp_path / "corpus", 60, 1)
+    out = tmp_path / "prepared"
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    orphan = tmp_path / f".prepared.{killed.pid}.abc123.tmp"  # what a prepare killed with -9 leaves
+    orphan.mkdir()
+    (orphan / "train.npy").write_bytes(b"half")
+    killed.kill()
+    killed.wait()
+    alive = tmp_path / f".prepared.{os.getpid()}.def456.tmp"  # a prepare still running: left alone
+    alive.mkdir()
+    prepare(corpus, out)
+    assert not orphan.exists()
+    assert alive.exists()

@@ -48,7 +48,7 @@ from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, op
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
-from neurallm.fileio import atomic_folder, atomic_write_json, atomic_write_text, disk_full_error, is_disk_full
+from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,9 @@ def prepare_corpus(
                 "splits": {split: {"tokens": a["tokens"], "unk": a["unk"]} for split, a in writer.arrays.items()},
                 "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
             }
-            atomic_write_text(tmp / VOCAB_FILE, vocab.to_json())
-            atomic_write_json(tmp / META_FILE, meta)
+            # plain writes: the temp folder is swapped in whole, after atomic_folder has fsynced every file
+            (tmp / VOCAB_FILE).write_text(vocab.to_json(), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     except OSError as exc:
         if not is_disk_full(exc):
             raise
