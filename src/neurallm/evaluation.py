@@ -52,6 +52,8 @@ class EvalResult:
         method: ``exact`` or ``naive``.
         batch_size: columns evaluated in parallel.
         context: history (tokens) guaranteed to each scored token (exact method), None for naive.
+        unk_share: fraction of the split's tokens that were not in the vocabulary and became ``<unk>``
+            (None when the caller did not know it, e.g. ids passed directly).
     """
 
     loss: float
@@ -60,6 +62,7 @@ class EvalResult:
     method: str
     batch_size: int
     context: int | None
+    unk_share: float | None = None
 
     @property
     def ppl(self) -> float:
@@ -81,6 +84,8 @@ class EvalResult:
         }
         if level == "char":
             out["bpc"] = self.bpc
+        if self.unk_share is not None:
+            out["unk_share"] = self.unk_share
         return out
 
 

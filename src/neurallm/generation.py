@@ -10,6 +10,7 @@ whole prefix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,6 @@ def sample_next(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     vocab: Vocab,
@@ -96,13 +96,51 @@ def generate(
         seed: the same seed gives the same text.
         context: Transformer cache length in tokens (RNNs carry their whole history in their state).
     """
+    generated_tokens = list(iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
+                                          top_k=top_k, top_p=top_p, seed=seed, context=context))
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
+    unknown = [t for t in prompt_tokens if t not in vocab.index]
+    return GenerationResult(continue_text(prompt, generated_tokens, tokenizer), generated_tokens, prompt_tokens, unknown)
+
+
+def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings) -> list[str]:
+    """The prompt's tokens; an unfinished last line gets no end-of-line token."""
+    prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
+    if prompt_tokens and not prompt.endswith("\n"):
+        prompt_tokens = prompt_tokens[:-1]
+    return prompt_tokens
+
+
+def continue_text(prompt: str, generated_tokens: list[str], tokenizer: TokenizerSettings) -> str:
+    """The prompt followed by the generated tokens as text (what :func:`generate` returns as ``text``)."""
+    prompt_text = prompt if prompt_to_tokens(prompt, tokenizer) else ""
+    level = tokenizer.level
+    return prompt_text + _joiner(prompt_text, generated_tokens, level) + detokenize(generated_tokens, level)
+
+
+@torch.no_grad()
+def iter_generate(
+    model: nn.Module,
+    vocab: Vocab,
+    tokenizer: TokenizerSettings,
+    *,
+    prompt: str = "",
+    tokens: int = 1000,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 1111,
+    context: int = 512,
+) -> Iterator[str]:
+    """Yield the tokens :func:`generate` samples, each as soon as it is drawn (for streaming).
+
+    Arguments as :func:`generate`. The caller may stop iterating at any time; no forward pass runs after the
+    last token is drawn.
+    """
     _check(tokens, temperature, top_k, top_p)
     model.eval()
     device = next(model.parameters()).device
-    prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
-    if prompt_tokens and not prompt.endswith("\n"):
-        prompt_tokens = prompt_tokens[:-1]  # the prompt's last line is not finished: no end-of-line token
-    unknown = [t for t in prompt_tokens if t not in vocab.index]
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
     start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
     ids, _ = vocab.encode(start)
 
@@ -114,16 +152,12 @@ def generate(
     for first in range(0, len(ids), step):
         chunk = torch.tensor(ids[first : first + step], device=device).view(-1, 1)
         features, state = model(chunk, state, **forward_kwargs)
-    generated: list[int] = []
-    for _ in range(tokens):
+    for produced in range(tokens):
         logits = model.head.logits(features[-1, 0])
         next_id = sample_next(logits, temperature, top_k, top_p, generator)
-        generated.append(next_id)
-        features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
-    generated_tokens = vocab.decode(generated)
-    prompt_text = prompt if prompt_tokens else ""
-    text = prompt_text + _joiner(prompt_text, generated_tokens, tokenizer.level) + detokenize(generated_tokens, tokenizer.level)
-    return GenerationResult(text, generated_tokens, prompt_tokens, unknown)
+        yield vocab.tokens[next_id]
+        if produced + 1 < tokens:
+            features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
 
 
 def _joiner(prompt_text: str, generated: list[str], level: str) -> str:

@@ -3,19 +3,13 @@ corpus (``neurallm prepare``, ``neurallm.prepare``) never imports torch."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
+from neurallm.config import DATA_SETTINGS
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import PreparedCorpus, VocabSettings, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
-from neurallm.errors import ConfigError
-
-
-def split_kwargs(cls, kwargs: dict) -> dict:
-    """Pop the entries of ``kwargs`` that are fields of the dataclass ``cls``."""
-    names = {f.name for f in fields(cls)}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+from neurallm.settings import split_settings
 
 
 def prepare(data: str | Path, out: str | Path | None = None, **settings) -> PreparedCorpus:
@@ -23,14 +17,13 @@ def prepare(data: str | Path, out: str | Path | None = None, **settings) -> Prep
 
     Args:
         data: folder, file or registered dataset name.
-        out: folder to write; default a cache folder keyed by the data and settings.
+        out: folder to write (new, empty, or an earlier output of prepare); default a cache folder keyed by the
+            data and settings.
         **settings: fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
-            ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab).
+            ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab);
+            ``neurallm prepare --help`` lists them all.
     """
-    settings = dict(settings)
-    source = SourceSettings(data=str(data), **split_kwargs(SourceSettings, settings))
-    tokenizer = TokenizerSettings(**split_kwargs(TokenizerSettings, settings))
-    vocab = VocabSettings(**split_kwargs(VocabSettings, settings))
-    if settings:
-        raise ConfigError(f"unknown setting(s) for prepare: {', '.join(sorted(settings))}")
+    source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="prepare")
+    source = SourceSettings(data=str(data), **source)
+    tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
     return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None)

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from neurallm.data import registry
 from neurallm.errors import ConfigError, DataError
+from neurallm.settings import setting
 
 SPLITS = ("train", "valid", "test")
 
@@ -41,25 +42,30 @@ FORMATS = ("auto", "dir", "text", "csv", "jsonl", "registry")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``--split-ratios 0.9,0.05,0.05`` → ``(0.9, 0.05, 0.05)`` (checked in ``SourceSettings``)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected three fractions like 0.9,0.05,0.05, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class SourceSettings:
-    """How to read ``--data``; part of the key under which a prepared corpus is cached.
+    """How to read ``--data``; part of the key under which a prepared corpus is cached (each field's ``help``
+    documents it)."""
 
-    Attributes:
-        data: a folder, a file, or a registered dataset name.
-        format: ``auto`` detects from the path; or one of ``dir text csv jsonl registry``.
-        text_column: CSV columns joined (with a space) into one document per row, e.g. ``"title,description"``.
-        text_field: JSONL key holding the text of each record.
-        split_ratios: train/valid/test fractions for single-file sources.
-        encoding: text encoding of the files (strict decoding).
-    """
-
-    data: str
-    format: str = "auto"
-    text_column: str | None = None
-    text_field: str | None = None
-    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    encoding: str = "utf-8"
+    data: str = setting(help="folder with train/valid/test, a text/CSV/JSONL file, a prepared folder, or a dataset "
+                             "name (wikitext-2, wikitext-103, ptb, tinyshakespeare)")
+    format: str = setting("auto", help="how to read --data; auto detects it from the path", choices=FORMATS)
+    text_column: str | None = setting(None, help="CSV columns joined (with a space) into one document per row, e.g. title,description")
+    text_field: str | None = setting(None, help="JSONL key holding the text of each record")
+    split_ratios: tuple[float, float, float] = setting((0.9, 0.05, 0.05), help="train,valid,test fractions for a single-file source",
+                                                       parse=parse_ratios, metavar="TRAIN,VALID,TEST")
+    encoding: str = setting("utf-8", help="text encoding of the files, decoded strictly")
+    # Recorded so that a run trained on `--data tinyshakespeare` (found in ../shared/data) can be evaluated from
+    # any folder, offline: the name alone is looked up relative to the working directory.
+    location: str | None = setting(None, help="absolute path of the folder where a dataset name was found", derived=True)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -162,7 +168,7 @@ def open_corpus(settings: SourceSettings) -> Corpus:
         DataError: the path does not exist, a split file is missing, a file is empty or binary, a CSV
             column or JSONL field is missing.
     """
-    kind = settings.format if settings.format != "auto" else _detect_format(settings.data)
+    kind = settings.format if settings.format != "auto" else _detect_format(settings.data, settings.location)
     path = Path(settings.data)
     if kind == "registry":
         return _open_registered(settings)
@@ -186,8 +192,10 @@ def open_corpus(settings: SourceSettings) -> Corpus:
     raise AssertionError(kind)
 
 
-def _detect_format(data: str) -> str:
+def _detect_format(data: str, location: str | None = None) -> str:
     path = Path(data)
+    if location is not None and Path(location).is_dir() and not path.exists():
+        return "registry"  # a dataset name whose folder was recorded
     if path.is_dir():
         return "dir"
     if path.exists():
@@ -203,13 +211,24 @@ def _detect_format(data: str) -> str:
     return "text"  # does not exist: open_corpus reports it
 
 
+def dataset_location(settings: SourceSettings) -> Path | None:
+    """The folder a dataset name was recorded at (if it still exists) or is found in now; None if neither."""
+    if settings.location is not None and Path(settings.location).is_dir():
+        return Path(settings.location)
+    try:
+        return registry.resolve_dataset(settings.data, download=False).resolve()
+    except DataError:
+        return None
+
+
 def _open_registered(settings: SourceSettings) -> Corpus:
     spec = registry.DATASETS.get(settings.data)
-    if spec is None and (local := registry.find_local(settings.data)) is not None:
+    local = dataset_location(settings)
+    if spec is None and local is not None:
         return _open_folder(local, settings)
     if spec is None:
         raise DataError(f"--data {settings.data}: not a registered dataset; known: {', '.join(sorted(registry.DATASETS))}")
-    folder = registry.resolve_dataset(settings.data)
+    folder = local or registry.resolve_dataset(settings.data)
     # a downloaded copy has the archive's own layout (wikitext-2/wiki.train.tokens); a local folder may not
     spec_layout = {split: folder / spec.split_files[split] for split in SPLITS if split in spec.split_files}
     if len(spec_layout) == len(SPLITS) and all(path.is_file() for path in spec_layout.values()):

@@ -49,6 +49,7 @@ from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
 from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
+from neurallm.settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,11 @@ _MAX_META_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class VocabSettings:
-    """How the vocabulary is built from the training split.
+    """How the vocabulary is built from the training split (each field's ``help`` documents it)."""
 
-    Attributes:
-        min_freq: drop tokens seen fewer times than this in train.
-        max_vocab: keep at most this many tokens, specials included (None: no cap).
-    """
-
-    min_freq: int = 1
-    max_vocab: int | None = None
+    min_freq: int = setting(1, help="drop tokens seen fewer times than this in train")
+    max_vocab: int | None = setting(None, help="keep at most this many tokens, specials included",
+                                       default_text="none, no cap")
 
     def __post_init__(self) -> None:
         if self.min_freq < 1:
@@ -104,7 +101,7 @@ def _hash(*parts) -> str:
 
 def settings_key(source: SourceSettings, tokenizer: TokenizerSettings, vocab: VocabSettings | Vocab) -> str:
     """Hash of how the source is read, tokenized and given ids (not of where it is)."""
-    reading = {k: v for k, v in source.to_dict().items() if k != "data"}
+    reading = {k: v for k, v in source.to_dict().items() if k not in ("data", "location")}
     vocab_part = vocab.to_json() if isinstance(vocab, Vocab) else asdict(vocab)
     return _hash(FORMAT_VERSION, reading, tokenizer.to_dict(), vocab_part)
 

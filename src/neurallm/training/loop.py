@@ -33,9 +33,11 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
+from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
+from neurallm.training.progress import IntervalMeter
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class TrainResult:
         epochs_completed: full epochs done (over all resumes).
         best_valid_loss: lowest validation loss (nats per token).
         test: the best model on the test split (None if it was not evaluated).
-        stopped_by: ``epochs``, ``max_time`` or ``interrupt``.
+        stopped_by: ``epochs``, ``max_time``, ``dry_run`` or ``interrupt``.
     """
 
     run_dir: Path
@@ -220,7 +222,8 @@ class Trainer:
         self.restore_last(full=False)
         self.schedule.scale(FAULT_LR_FACTOR)
         self.state = self._cold_state()
-        logger.warning(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
+        # INFO, not WARNING: a recovered fault is a line of the training log (stdout), like the epoch lines
+        logger.info(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
 
     def validate(self) -> EvalResult:
         train = self.config.train
@@ -243,7 +246,14 @@ class Trainer:
         with _StopRequest() as stop:
             while self.epoch < train.epochs and stopped_by == "epochs":
                 stopped_by = self._run_epoch(stop, tokens_per_window)
+        if stopped_by == "max_time":
+            logger.info(self._max_time_message())
         return self._finish(stopped_by)
+
+    def _max_time_message(self) -> str:
+        train = self.config.train
+        partial = f" and {self.window:,} of {len(self.batches):,} batches of epoch {self.epoch + 1}" if self.window else ""
+        return f"stopped by --max-time after {self.epoch} of {train.epochs} epochs{partial} ({self.elapsed:.0f}s of training)"
 
     def _run_epoch(self, stop: _StopRequest, tokens_per_window: int) -> str:
         from tqdm.auto import tqdm
@@ -258,6 +268,7 @@ class Trainer:
         stopped_by = "epochs"
         bar = tqdm(total=len(self.batches), initial=self.window, desc=f"epoch {self.epoch + 1}/{train.epochs}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        lines = None if self.progress else IntervalMeter()  # no bar (not a terminal): plain lines instead
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
             loss = self._step(inputs, targets)
@@ -270,12 +281,19 @@ class Trainer:
             tokens += inputs.numel()
             self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
             bar.update(1)
+            if lines is not None:
+                lines.add(loss)
             if self.window % train.log_interval == 0 or self.window == len(self.batches):
                 mean = self.epoch_loss_sum / self.epoch_loss_count
                 rate = tokens / max(1e-9, time.perf_counter() - epoch_started)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
+                if lines is not None:
+                    logger.info(lines.line(self.epoch + 1, self.window, len(self.batches), self.schedule.lr))
             if stop.requested:
                 stopped_by = "interrupt"
+                break
+            if train.dry_run:
+                stopped_by = "dry_run"
                 break
             if train.max_time is not None and self.elapsed >= train.max_time:
                 stopped_by = "max_time"
@@ -316,6 +334,7 @@ class Trainer:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
+        write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
         logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
