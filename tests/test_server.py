@@ -79,6 +79,13 @@ def test_generate_names_the_prompt_words_outside_the_vocabulary(client):
     assert answer["prompt_unknown"] == ["zebra", "quokka"]
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_an_error(client, temperature):
+    greedy = client.post("/api/generate", json={"tokens": 8, "temperature": 0}).json()["text"]
+    answer = client.post("/api/generate", json={"tokens": 8, "temperature": temperature})
+    assert answer.status_code == 200 and answer.json()["text"] == greedy
+
+
 def test_all_fields_have_defaults(client):
     answer = client.post("/api/generate", json={}).json()
     assert answer["tokens"] == MAX_TOKENS  # the default (100) capped by --max-tokens
