@@ -267,7 +267,8 @@ class Trainer:
         stopped_by = "epochs"
         bar = tqdm(total=len(self.batches), initial=self.window, desc=f"epoch {self.epoch + 1}/{train.epochs}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
-        lines = None if self.progress else IntervalMeter()  # no bar (not a terminal): plain lines instead
+        # no bar (not a terminal, or --no-progress): plain lines instead
+        lines = None if self.progress else IntervalMeter(self.epoch_loss_sum, self.epoch_loss_count)
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
             loss = self._step(inputs, targets)
@@ -280,14 +281,13 @@ class Trainer:
             tokens += inputs.numel()
             self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
             bar.update(1)
-            if lines is not None:
-                lines.add(loss)
             if self.window % train.log_interval == 0 or self.window == len(self.batches):
                 mean = self.epoch_loss_sum / self.epoch_loss_count
                 rate = tokens / max(1e-9, time.perf_counter() - epoch_started)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
                 if lines is not None:
-                    self.log(lines.line(self.epoch + 1, self.window, len(self.batches), self.schedule.lr))
+                    self.log(lines.line(self.epoch + 1, self.window, len(self.batches), self.schedule.lr,
+                                        self.epoch_loss_sum, self.epoch_loss_count))
             if stop.requested:
                 stopped_by = "interrupt"
                 break

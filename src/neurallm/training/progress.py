@@ -24,21 +24,21 @@ def format_progress_line(epoch: int, batch: int, batches: int, lr: float, ms_per
 
 
 class IntervalMeter:
-    """Losses and wall time since the last progress line."""
+    """Turns the epoch's running loss totals into lines about the batches since the previous line.
 
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.batches = 0
+    It reads totals (sum of losses, steps) rather than each step's loss, so a trainer that keeps its loss on
+    the device reads it back only when a line is due.
+    """
+
+    def __init__(self, loss_sum: float = 0.0, steps: int = 0) -> None:
+        self.loss_sum, self.steps = loss_sum, steps
         self.started = time.perf_counter()
 
-    def add(self, loss: float) -> None:
-        self.loss_sum += loss
-        self.batches += 1
-
-    def line(self, epoch: int, batch: int, batches: int, lr: float) -> str:
-        """The line for the batches since the last one, and start a new interval."""
+    def line(self, epoch: int, batch: int, batches: int, lr: float, loss_sum: float, steps: int) -> str:
+        """The line for the steps since the last one, given the epoch's totals now; starts a new interval."""
         now = time.perf_counter()
-        counted = max(1, self.batches)
-        text = format_progress_line(epoch, batch, batches, lr, (now - self.started) * 1000 / counted, self.loss_sum / counted)
-        self.loss_sum, self.batches, self.started = 0.0, 0, now
+        counted = max(1, steps - self.steps)
+        text = format_progress_line(epoch, batch, batches, lr, (now - self.started) * 1000 / counted,
+                                    (loss_sum - self.loss_sum) / counted)
+        self.loss_sum, self.steps, self.started = loss_sum, steps, now
         return text
