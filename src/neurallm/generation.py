@@ -1,11 +1,12 @@
 """Sampling text from a trained model, one token at a time, carrying the state.
 
 The prompt is run through the model once; then each new token is drawn from the model's probabilities
-(softmax of the logits divided by the temperature, optionally cut to the top k tokens or the smallest set
-whose probability reaches top p) and fed back with the state the previous step left. RNNs carry their
-hidden state; the Transformer keeps its keys and values in the same memory it uses across training windows,
-here as a cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
-whole prefix.
+(its log-probabilities divided by the temperature, optionally cut to the top k tokens or the smallest set
+whose probability reaches top p) and fed back with the cache the previous step left. What the cache holds is
+the model's business (:meth:`~neurallm.models.contract.LanguageModel.start_generation`): an RNN's hidden
+state, or the Transformer's keys and values of the last ``context`` positions in fixed-size buffers, so a new
+token costs one token's projections and one attention row, not a re-run of the prefix. The last token drawn is
+not fed back: nothing would read its features.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from neurallm.data.tokenizers import EOS, TokenizerSettings, detokenize, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
+from neurallm.models.contract import LanguageModel
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | No
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> int:
-    """Draw one token id from ``logits`` ``(V,)``."""
+    """Draw one token id from ``logits`` ``(V,)`` (unnormalised, or log-probabilities: the same distribution)."""
     if temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -70,7 +71,7 @@ def sample_next(
 
 
 def generate(
-    model: nn.Module,
+    model: LanguageModel,
     vocab: Vocab,
     tokenizer: TokenizerSettings,
     *,
@@ -94,7 +95,8 @@ def generate(
         top_k: sample among the k most likely tokens only.
         top_p: sample among the most likely tokens whose probabilities add up to p.
         seed: the same seed gives the same text.
-        context: Transformer cache length in tokens (RNNs carry their whole history in their state).
+        context: positions a Transformer token attends to, itself included (RNNs carry their whole history in
+            their state).
     """
     generated_tokens = list(iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
                                           top_k=top_k, top_p=top_p, seed=seed, context=context))
@@ -120,7 +122,7 @@ def continue_text(prompt: str, generated_tokens: list[str], tokenizer: Tokenizer
 
 @torch.no_grad()
 def iter_generate(
-    model: nn.Module,
+    model: LanguageModel,
     vocab: Vocab,
     tokenizer: TokenizerSettings,
     *,
@@ -138,6 +140,8 @@ def iter_generate(
     last token is drawn.
     """
     _check(tokens, temperature, top_k, top_p)
+    if context < 1:
+        raise ConfigError(f"--context must be at least 1, got {context}")
     model.eval()
     device = next(model.parameters()).device
     prompt_tokens = prompt_to_tokens(prompt, tokenizer)
@@ -145,19 +149,16 @@ def iter_generate(
     ids, _ = vocab.encode(start)
 
     generator = torch.Generator().manual_seed(seed)
-    state = model.init_state(1, device)
-    forward_kwargs = {} if model.window_independent else {"keep": context}
-    # feed the prompt in slices of `context` so a long prompt never builds an unbounded attention window
-    step = max(1, context)
-    for first in range(0, len(ids), step):
-        chunk = torch.tensor(ids[first : first + step], device=device).view(-1, 1)
-        features, state = model(chunk, state, **forward_kwargs)
-    for produced in range(tokens):
-        logits = model.head.logits(features[-1, 0])
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)
+    cache = model.start_generation(1, context, device)
+    # feed the prompt in slices of `context`: a generation step takes at most the cache's capacity
+    for first in range(0, len(ids), context):
+        chunk = torch.tensor(ids[first : first + context], device=device).view(-1, 1)
+        features, cache = model.generation_step(chunk, cache)
+    for produced in range(1, tokens + 1):
+        next_id = sample_next(model.head.log_probs(features[-1, 0]), temperature, top_k, top_p, generator)
         yield vocab.tokens[next_id]
-        if produced + 1 < tokens:
-            features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
+        if produced < tokens:  # the last token is not fed back: nothing would read its features
+            features, cache = model.generation_step(torch.tensor([[next_id]], device=device), cache)
 
 
 def _joiner(prompt_text: str, generated: list[str], level: str) -> str:

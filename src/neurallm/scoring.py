@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from neurallm.data.batching import EvalColumn, plan_sliding_windows
 from neurallm.data.tokenizers import EOS, TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
-from neurallm.evaluation import RNN_EVAL_WINDOW, default_context
+from neurallm.evaluation import default_context
+from neurallm.models.contract import LanguageModel
 
 
 @dataclass
@@ -111,7 +111,7 @@ def line_start_token(tokenizer: TokenizerSettings) -> str:
 
 @torch.no_grad()
 def score_texts(
-    model: nn.Module,
+    model: LanguageModel,
     vocab: Vocab,
     tokenizer: TokenizerSettings,
     texts: list[str],
@@ -158,17 +158,17 @@ def score_texts(
     return results
 
 
-def _target_logprobs(model: nn.Module, ids: np.ndarray, bptt: int, context: int) -> np.ndarray:
+def _target_logprobs(model: LanguageModel, ids: np.ndarray, bptt: int, context: int) -> np.ndarray:
     """Log-probability of ``ids[1:]``, each given the tokens before it (exact evaluation with batch size 1)."""
-    if model.carries_state:
-        window = max(bptt, RNN_EVAL_WINDOW) if model.window_independent else bptt
+    layout = model.eval_layout(bptt)
+    if layout.carries_state:
         # one column over the whole document, read window after window with the state carried
-        return _run_column(model, ids, EvalColumn(0, 1, len(ids)), window)
+        return _run_column(model, ids, EvalColumn(0, 1, len(ids)), layout.window)
     columns = plan_sliding_windows(len(ids), max(1, bptt - context), context)
     return np.concatenate([_run_column(model, ids, column, column.length) for column in columns])
 
 
-def _run_column(model: nn.Module, ids: np.ndarray, column: EvalColumn, window: int) -> np.ndarray:
+def _run_column(model: LanguageModel, ids: np.ndarray, column: EvalColumn, window: int) -> np.ndarray:
     """Run one column from a cold state in windows; log-probabilities of its scored targets."""
     device = next(model.parameters()).device
     inputs = torch.from_numpy(ids[column.start : column.score_stop - 1]).to(device).view(-1, 1)  # (T, 1)
@@ -176,7 +176,7 @@ def _run_column(model: nn.Module, ids: np.ndarray, column: EvalColumn, window: i
     state = model.init_state(1, device)
     pieces = []
     for row in range(0, inputs.size(0), window):
-        features, state = model(inputs[row : row + window], state)  # (t, 1, D)
+        features, state = model.features(inputs[row : row + window], state)  # (t, 1, D)
         log_probs = model.head.log_probs(features[:, 0])  # (t, V)
         pieces.append(log_probs.gather(1, targets[row : row + window, None])[:, 0])
     values = torch.cat(pieces).double().cpu().numpy()

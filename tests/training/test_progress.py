@@ -22,9 +22,9 @@ def test_a_small_learning_rate_is_not_shown_as_zero():
 
 
 def test_loss_is_the_mean_since_the_previous_line():
-    meter = IntervalMeter(loss_sum=10.0, steps=5)  # a resumed epoch: 5 steps done before
-    assert "| loss  3.00 |" in meter.line(1, 7, 10, 1.0, loss_sum=10.0 + 4.0 + 2.0, steps=7)
-    assert "| loss  1.00 |" in meter.line(1, 8, 10, 1.0, loss_sum=17.0, steps=8)
+    meter = IntervalMeter()
+    assert "| loss  3.00 |" in meter.line(1, 2, 10, 1.0, loss_sum=4.0 + 2.0, steps=2)
+    assert "| loss  1.00 |" in meter.line(1, 3, 10, 1.0, loss_sum=4.0 + 2.0 + 1.0, steps=3)
 
 
 def test_training_without_a_terminal_prints_a_line_every_log_interval_batches(tmp_path, capsys):

@@ -12,6 +12,9 @@ With the alphabet as the stream and ``batch_size=4``::
     │ e k q w │
     └ f l r x ┘
 
+A memory-mapped stream is arranged as a view of the file (no copy, its own small dtype); only the window being
+trained on is converted to int64 and moved to the device.
+
 Each column is read top to bottom in windows of ``bptt`` rows; the target is the input shifted one row down.
 With ``bptt=2`` the first window is input ``[[a g m s], [b h n t]]`` with target ``[[b h n t], [c i o u]]``,
 the next starts at row ``c``. The recurrent state left at the end of one window is carried into the next
@@ -35,22 +38,39 @@ import torch
 from neurallm.errors import ConfigError
 
 
-def batchify(ids: torch.Tensor | np.ndarray, batch_size: int) -> torch.Tensor:
-    """Arrange a 1-D id stream into ``batch_size`` columns, shape ``(rows, batch_size)``; the tail is dropped."""
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
-    rows = ids.numel() // batch_size
+Stream = torch.Tensor | np.ndarray
+"""A batchified ``(rows, batch_size)`` stream: an int64 tensor, or a view of a memory-mapped id array."""
+
+
+def batchify(ids: torch.Tensor | np.ndarray, batch_size: int) -> Stream:
+    """Arrange a 1-D id stream into ``batch_size`` columns, shape ``(rows, batch_size)``; the tail is dropped.
+
+    A tensor gives an int64 tensor. A NumPy array (a memory-mapped split) gives a *view* of it in its own dtype:
+    nothing is read or copied until a window is taken with :func:`get_batch`.
+    """
+    rows = len(ids) // batch_size
     if rows < 2:
         raise ConfigError(
-            f"--batch-size {batch_size} leaves fewer than 2 tokens per column of a {ids.numel()}-token stream; lower it"
+            f"--batch-size {batch_size} leaves fewer than 2 tokens per column of a {len(ids)}-token stream; lower it"
         )
     # column j holds ids[j*rows : (j+1)*rows]: reshape row-major to (B, rows), then transpose to time-major
-    return ids[: rows * batch_size].view(batch_size, rows).t().contiguous()
+    if isinstance(ids, np.ndarray):
+        return ids[: rows * batch_size].reshape(batch_size, rows).T
+    return ids.long()[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 
-def get_batch(stream: torch.Tensor, row: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+def to_ids_tensor(ids: Stream, device: torch.device | str | None = None) -> torch.Tensor:
+    """An int64 tensor of ``ids`` on ``device``: a NumPy slice is converted here, and only that slice."""
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+    return ids if device is None else ids.to(device, non_blocking=True)
+
+
+def get_batch(stream: Stream, row: int, bptt: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The window of ``stream`` starting at ``row``: input ``(T, B)`` and target ``(T, B)``, ``T <= bptt``."""
-    length = min(bptt, stream.size(0) - 1 - row)
-    return stream[row : row + length], stream[row + 1 : row + 1 + length]
+    length = min(bptt, len(stream) - 1 - row)
+    rows = to_ids_tensor(stream[row : row + 1 + length], device)  # input and target rows, converted once
+    return rows[:length], rows[1:]
 
 
 def window_starts(rows: int, bptt: int) -> range:
@@ -63,25 +83,27 @@ class ContiguousBatches:
     """Contiguous BPTT windows over a batchified stream, resumable at any window.
 
     Attributes:
-        stream: ``(rows, batch_size)`` ids from :func:`batchify`.
+        stream: ``(rows, batch_size)`` ids from :func:`batchify` (a tensor or a memory-mapped view).
         bptt: window length in tokens.
+        device: where the windows are sent (None: left where the stream is, on the CPU for a view).
     """
 
-    stream: torch.Tensor
+    stream: Stream
     bptt: int
+    device: torch.device | str | None = None
 
     carries_state = True
 
     def __len__(self) -> int:
-        return len(window_starts(self.stream.size(0), self.bptt))
+        return len(window_starts(len(self.stream), self.bptt))
 
     def epoch(self, epoch: int, start_window: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Windows of one epoch in order, skipping the first ``start_window`` (a resumed run)."""
-        for row in window_starts(self.stream.size(0), self.bptt)[start_window:]:
-            yield get_batch(self.stream, row, self.bptt)
+        for row in window_starts(len(self.stream), self.bptt)[start_window:]:
+            yield get_batch(self.stream, row, self.bptt, self.device)
 
     def tokens_per_epoch(self) -> int:
-        return (self.stream.size(0) - 1) * self.stream.size(1)
+        return (len(self.stream) - 1) * self.stream.shape[1]
 
 
 @dataclass
@@ -89,16 +111,18 @@ class ShuffledWindows:
     """Fixed windows of ``bptt + 1`` tokens in a seeded random order per epoch, ``batch_size`` at a time.
 
     Attributes:
-        ids: the 1-D id stream.
+        ids: the 1-D id stream (memory-mapped: each batch reads only its own windows).
         bptt: input length of a window (each window holds ``bptt + 1`` ids).
         batch_size: windows per batch (the last batch of an epoch may hold fewer).
         seed: with the epoch number, fixes the order; a resumed run sees the same order.
+        device: where the windows are sent (the model's device).
     """
 
     ids: np.ndarray
     bptt: int
     batch_size: int
     seed: int
+    device: torch.device | str | None = None
 
     carries_state = False
 
@@ -112,12 +136,11 @@ class ShuffledWindows:
 
     def epoch(self, epoch: int, start_window: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self._n_windows, generator=generator)
-        offsets = torch.arange(self.bptt + 1)
-        ids = torch.as_tensor(np.asarray(self.ids, dtype=np.int64))
+        order = torch.randperm(self._n_windows, generator=generator).numpy()
+        offsets = np.arange(self.bptt + 1)
         for b in range(start_window, len(self)):
             starts = order[b * self.batch_size : (b + 1) * self.batch_size] * self.bptt
-            windows = ids[starts[:, None] + offsets].t()  # (bptt + 1, b)
+            windows = to_ids_tensor(np.asarray(self.ids)[starts[:, None] + offsets].T, self.device)  # (bptt + 1, b)
             yield windows[:-1], windows[1:]
 
     def tokens_per_epoch(self) -> int:
@@ -180,10 +203,16 @@ def plan_eval_columns(n_tokens: int, n_columns: int, context: int, align: int = 
 def plan_sliding_windows(n_tokens: int, stride: int, context: int) -> list[EvalColumn]:
     """Columns of ``stride`` targets, each with up to ``context`` tokens of burn-in: the sliding-window
     evaluation of a model that carries no state, where each column is run as one window."""
+    return [sliding_window(t, n_tokens, stride, context) for t in sliding_window_targets(n_tokens, stride)]
+
+
+def sliding_window_targets(n_tokens: int, stride: int) -> range:
+    """First targets of the sliding windows over an ``n_tokens`` stream (a range: nothing per window is stored)."""
     if stride < 1:
         raise ConfigError(f"evaluation stride must be at least 1, got {stride}")
-    n_targets = n_tokens - 1
-    return [
-        EvalColumn(max(0, t - 1 - context), t, min(t + stride, n_tokens))
-        for t in range(1, n_targets + 1, stride)
-    ]
+    return range(1, n_tokens, stride)
+
+
+def sliding_window(first_target: int, n_tokens: int, stride: int, context: int) -> EvalColumn:
+    """The sliding window whose first scored target is ``first_target``."""
+    return EvalColumn(max(0, first_target - 1 - context), first_target, min(first_target + stride, n_tokens))

@@ -24,10 +24,10 @@ def format_progress_line(epoch: int, batch: int, batches: int, lr: float, ms_per
 
 
 class IntervalMeter:
-    """Turns the epoch's running loss totals into lines about the batches since the previous line.
+    """Mean loss and wall time per batch since the previous progress line.
 
-    It reads totals (sum of losses, steps) rather than each step's loss, so a trainer that keeps its loss on
-    the device reads it back only when a line is due.
+    Fed the trainer's running totals (sum of step losses, steps) rather than each step's loss, so no step has
+    to read its loss back from an accelerator just to print a line.
     """
 
     def __init__(self, loss_sum: float = 0.0, steps: int = 0) -> None:
@@ -35,7 +35,7 @@ class IntervalMeter:
         self.started = time.perf_counter()
 
     def line(self, epoch: int, batch: int, batches: int, lr: float, loss_sum: float, steps: int) -> str:
-        """The line for the steps since the last one, given the epoch's totals now; starts a new interval."""
+        """The line for the batches since the last one, given the running totals; starts a new interval."""
         now = time.perf_counter()
         counted = max(1, steps - self.steps)
         text = format_progress_line(epoch, batch, batches, lr, (now - self.started) * 1000 / counted,
