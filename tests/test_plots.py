@@ -44,7 +44,7 @@ def test_curves_are_redrawn_after_every_epoch_with_the_metrics_so_far(tmp_path, 
 
     monkeypatch.setattr(loop, "write_run_curves", spy)
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=60)
-    neurallm.train(corpus, tmp_path / "run", progress=False, log=lambda message: None, **{**TINY_MODEL, "epochs": 2})
+    neurallm.train(corpus, tmp_path / "run", progress=False, **{**TINY_MODEL, "epochs": 2})
     assert drawn == [[1], [1, 2]]
     assert (tmp_path / "run" / "curves.png").is_file()
 

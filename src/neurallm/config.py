@@ -20,7 +20,8 @@ generated from these fields. To add a setting:
    the type cannot do it), ``default_text`` (when the default needs words), ``resumable=True`` if
    ``--resume`` may change it (like ``epochs``);
 2. check its range in the class's ``__post_init__`` with a message naming the flag and the fix;
-3. use it where it acts.
+3. use it where it acts, and regenerate the README's flag tables: ``python scripts/flags_table.py --write``
+   (``tests/test_cli.py`` fails while they differ from the parser).
 
 Nothing else: no flag list, keyword list or resume list to keep in step. Runs saved before a setting existed
 still load (a missing key takes the default). This module and :mod:`neurallm.settings` never import torch,
