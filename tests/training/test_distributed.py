@@ -87,7 +87,7 @@ def test_resuming_with_another_number_of_processes_is_refused_with_one_line(two_
     shutil.copytree(two_process_run[0], run)
     before = (run / "last.safetensors").read_bytes()
     with pytest.raises(TrainingError, match=r"trained by 2 process\(es\).*torchrun --nproc_per_node 2"):
-        neurallm.train(None, run, resume=True, epochs=3, progress=False, log=lambda message: None)
+        neurallm.train(None, run, resume=True, epochs=3, progress=False)
     assert (run / "last.safetensors").read_bytes() == before
 
 
@@ -190,14 +190,14 @@ def test_a_run_with_cuda_random_states_in_its_checkpoint_resumes_and_evaluates_o
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())
     assert loaded.evaluate(split="test").tokens > 0
     assert loaded.generate("the", tokens=5, seed=1).generated_tokens
-    result = neurallm.train(None, run, resume=True, epochs=3, progress=False, log=lambda message: None)
+    result = neurallm.train(None, run, resume=True, epochs=3, progress=False)
     assert result.epochs_completed == 3
 
 
 def test_amp_bf16_trains_on_the_cpu_with_float32_losses(tmp_path):
     corpus = write_patterned_corpus(tmp_path / "c", lines=60)
     result = neurallm.train(corpus, tmp_path / "run", amp="bf16", emsize=16, nhid=16, nlayers=1, batch_size=4, bptt=8,
-                            epochs=1, lr=2.0, eval_batch_size=2, progress=False, log=lambda message: None)
+                            epochs=1, lr=2.0, eval_batch_size=2, progress=False)
     assert np.isfinite(result.test.loss)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] == "bf16"
 
