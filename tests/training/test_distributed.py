@@ -227,3 +227,14 @@ def test_mfu_uses_the_devices_own_peak_and_says_unknown_otherwise():
     assert per_token == pytest.approx(6 * n_params + 12 * 12 * 768 * 1024)
     assert mfu(100_000, per_token, 989.4e12) == pytest.approx(100_000 * per_token / 989.4e12)
     assert mfu(100_000, per_token, None) is None and mfu(100_000, None, 989.4e12) is None
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_loads_without_compile(tmp_path):
+    """torch.compile on the CPU (inductor + gcc): minutes on a small machine, hence slow."""
+    corpus = write_patterned_corpus(tmp_path / "c", lines=60)
+    neurallm.train(corpus, tmp_path / "run", compile=True, emsize=16, nhid=16, nlayers=1, batch_size=4, bptt=8,
+                   epochs=1, lr=2.0, eval_batch_size=2, progress=False)
+    for name in ("model.safetensors", "last.safetensors"):
+        assert not any("_orig_mod" in key for key in load_file(str(tmp_path / "run" / name)))
+    assert neurallm.load_run(tmp_path / "run", device="cpu").evaluate(split="test").tokens > 0

@@ -225,15 +225,16 @@ class Trainer:
         self._check_faults()  # a checkpoint must never hold the weights of a non-finite step
         rng_json, rng_tensors = capture_rng_state()
         carried = {f"carry.{i}": t.cpu() for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
-        gathered = self.ranks.gather((rng_json, {**rng_tensors, **carried}))
+        epoch_loss = [self.tracker.last.loss_sum, self.tracker.last.steps]  # this rank's columns
+        gathered = self.ranks.gather((rng_json, {**rng_tensors, **carried}, epoch_loss))
         if gathered is not None:
             self._write_last(gathered)
         self.ranks.barrier()  # the others may read it next (a fault's restore)
 
-    def _write_last(self, per_rank: list[tuple[dict, dict[str, torch.Tensor]]]) -> None:
+    def _write_last(self, per_rank: list[tuple[dict, dict[str, torch.Tensor], list]]) -> None:
         optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
-        (rng_json, rank_tensors), *others = per_rank
-        for rank, (_, tensors) in enumerate(others, start=1):
+        (rng_json, rank_tensors, epoch_loss), *others = per_rank
+        for rank, (_, tensors, _) in enumerate(others, start=1):
             rank_tensors = {**rank_tensors, **{f"{_rank_prefix(rank)}{k}": v for k, v in tensors.items()}}
         info = {
             "neurallm_version": __version__,
@@ -242,11 +243,12 @@ class Trainer:
             "elapsed": self.elapsed,
             "faults": self.faults,
             "best_valid_loss": None if math.isinf(self.best_valid_loss) else self.best_valid_loss,
-            "epoch_loss": [self.tracker.last.loss_sum, self.tracker.last.steps],
+            "epoch_loss": epoch_loss,
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
             "rng": rng_json,
-            "rank_rng": [rng for rng, _ in others],  # ranks 1.. (rank 0's is "rng")
+            "rank_rng": [rng for rng, _, _ in others],  # ranks 1.. (rank 0's is "rng")
+            "rank_epoch_loss": [loss for _, _, loss in others],  # and "epoch_loss"
             "world_size": self.ranks.world_size,
             "metrics": self.metrics,
             "data_key": self.data.meta["key"],
@@ -278,7 +280,8 @@ class Trainer:
         self.epoch, self.window, self.elapsed = info["epoch"], info["window"], info["elapsed"]
         self.faults = info.get("faults", 0)
         self.best_valid_loss = math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"]
-        self.tracker.reset(*info.get("epoch_loss", [0.0, 0]))
+        epoch_loss = info.get("epoch_loss", [0.0, 0]) if self.ranks.is_main else info["rank_epoch_loss"][self.ranks.rank - 1]
+        self.tracker.reset(*epoch_loss)
         saved = Schedule.from_dict(info["schedule"])
         # --epochs may have been raised: the cosine schedule stretches to the new end
         saved.total_steps = self.config.train.epochs * len(self.batches)
@@ -429,13 +432,13 @@ class Trainer:
             self.epoch += 1
             self.window = 0
         totals = self.tracker.last
-        [tokens] = self.ranks.sum([tokens])  # of all ranks
+        tokens, loss_sum, steps = self.ranks.sum([tokens, totals.loss_sum, totals.steps])  # of all ranks
         tokens_per_s = tokens / max(seconds, 1e-9)
         utilisation = self.mfu(tokens_per_s)
         record = {
             "epoch": self.epoch if epoch_done else self.epoch + 1,
             "complete": epoch_done,
-            "train_loss": totals.loss_sum / max(1, totals.steps),
+            "train_loss": loss_sum / max(1, steps),
             "valid_loss": valid.loss,
             "valid_ppl": valid.ppl,
             "lr": self.schedule.lr,
