@@ -46,10 +46,9 @@ import numpy as np
 from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
-from neurallm.data.vocab import Vocab, build_vocab
-from neurallm.errors import ConfigError, DataError
+from neurallm.data.vocab import Vocab, VocabSettings, build_vocab
+from neurallm.errors import DataError
 from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
-from neurallm.settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +60,6 @@ _PROVISIONAL = np.dtype(np.uint32)
 _SPOOL_ITEMS = 1 << 18  # provisional ids held in memory before they are appended to the temp file
 _BLOCK = 1 << 20  # ids remapped and written per step (4 MB of provisional ids)
 _MAX_META_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class VocabSettings:
-    """How the vocabulary is built from the training split (each field's ``help`` documents it)."""
-
-    min_freq: int = setting(1, help="drop tokens seen fewer times than this in train")
-    max_vocab: int | None = setting(None, help="keep at most this many tokens, specials included",
-                                       default_text="none, no cap")
-
-    def __post_init__(self) -> None:
-        if self.min_freq < 1:
-            raise ConfigError(f"--min-freq must be at least 1, got {self.min_freq}")
-        if self.max_vocab is not None and self.max_vocab < 3:
-            raise ConfigError(f"--max-vocab must be at least 3 (room for <unk>, <eos> and one word), got {self.max_vocab}")
 
 
 @dataclass
