@@ -242,7 +242,7 @@ def prepare_corpus(
             if out_dir is not None:
                 logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
     vocab_given = vocab
-    writer = _Writer(corpus, tokenizer, folder)
+    writer = _Writer(corpus, tokenizer)
     try:
         with atomic_folder(folder) as tmp:
             vocab = writer.write(tmp, vocab, vocab_settings)
@@ -290,8 +290,8 @@ class _CountingDigest:
 class _Writer:
     """One preparation: source → provisional ids in a temp file → vocabulary → ``{split}.npy``."""
 
-    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, folder: Path) -> None:
-        self.corpus, self.tokenizer, self.folder = corpus, tokenizer, folder
+    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings) -> None:
+        self.corpus, self.tokenizer = corpus, tokenizer
         self.source_digest = _CountingDigest()
         self.n_provisional = 0
         self.id_itemsize = 4
@@ -343,17 +343,21 @@ class _Writer:
         lookup, tokenizer = table.__getitem__, self.tokenizer
         buffer, line_ends = array("I"), array("Q")
         n_lines = 0
-        for line in source_file.lines(self.source_digest):
-            buffer.extend(map(lookup, tokenize_line(line, tokenizer)))
+        try:
+            for line in source_file.lines(self.source_digest):
+                buffer.extend(map(lookup, tokenize_line(line, tokenizer)))
+                if ends_file is not None:
+                    line_ends.append(self.n_provisional + len(buffer))
+                    if len(line_ends) >= _SPOOL_ITEMS:
+                        n_lines += _flush(line_ends, ends_file)
+                if len(buffer) >= _SPOOL_ITEMS:
+                    self.n_provisional += _flush(buffer, spool)
+            self.n_provisional += _flush(buffer, spool)
             if ends_file is not None:
-                line_ends.append(self.n_provisional + len(buffer))
-                if len(line_ends) >= _SPOOL_ITEMS:
-                    n_lines += _flush(line_ends, ends_file)
-            if len(buffer) >= _SPOOL_ITEMS:
-                self.n_provisional += _flush(buffer, spool)
-        self.n_provisional += _flush(buffer, spool)
-        if ends_file is not None:
-            n_lines += _flush(line_ends, ends_file)
+                n_lines += _flush(line_ends, ends_file)
+        except OSError:
+            self.n_provisional += len(buffer)  # counted for bytes_needed() should the disk be full
+            raise
         return n_lines
 
     def _write_split(self, spool: BinaryIO, bounds: tuple[int, int], remap: np.ndarray, unknown: np.ndarray,
