@@ -199,6 +199,10 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         if exc.name != "neurallm.export":
             raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
         raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
+        raise ConfigError("--onnx-export needs the package onnx: pip install onnx (or train without --onnx-export)")
     return export_onnx
 
 
