@@ -22,7 +22,6 @@ facts and the model are loaded once, in :func:`create_app`.
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
