@@ -225,5 +225,8 @@ async def _events(prompt: str, tokenizer, tokens: "asyncio.Queue[str]", future, 
         yield _sse("error", {"error": f"the request took longer than the server's --timeout {timeout:g} s; ask for fewer tokens"})
     except NeurallmError as exc:
         yield _sse("error", {"error": str(exc)})
+    except Exception as exc:  # a bug: the status line is sent already, so the stream ends with an error event
+        logger.error("streamed generation failed", exc_info=exc)
+        yield _sse("error", {"error": f"internal error ({exc.__class__.__name__}); the server log has the details"})
     finally:
         deadline.cancelled.set()  # the client left, or the stream ended: stop the generation at its next token
