@@ -238,3 +238,19 @@ def test_a_compiled_run_trains_and_loads_without_compile(tmp_path):
     for name in ("model.safetensors", "last.safetensors"):
         assert not any("_orig_mod" in key for key in load_file(str(tmp_path / "run" / name)))
     assert neurallm.load_run(tmp_path / "run", device="cpu").evaluate(split="test").tokens > 0
+
+
+def test_sigterm_stops_training_cleanly_and_a_second_one_does_not_abort():
+    """torchrun turns a Ctrl-C into SIGTERM for its workers: that must be a clean stop, never an abort."""
+    import signal
+    import time
+
+    from neurallm.training.loop import _StopRequest
+
+    with _StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # raises KeyboardInterrupt if a repeated SIGTERM aborted
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
