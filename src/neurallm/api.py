@@ -102,6 +102,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     out = Path(out)
     settings = dict(settings)
     _reject_unknown(settings)
+    if not save_every >= 0:  # NaN fails this too
+        raise ConfigError(f"--save-every must be 0 (every step) or more seconds (inf: only at the end of epochs), got {save_every}")
     if resume:
         return _resume(out, data, settings, progress=progress, log=log, save_every=save_every)
     model_settings = _split_kwargs(ModelConfig, settings)
@@ -116,11 +118,13 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
     # run: a setting that fails here must leave no half-made run that blocks the corrected command.
     trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
-    ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
-    ckpt.write_run_files(out, config, prepared.vocab)
-    log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
-        f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
-    return trainer.run()
+    # Only now may --force delete the old run: the new one is ready to start. The folder stays locked until the
+    # run ends, so a second process (another --force, a --resume) is refused rather than mixed in.
+    with ckpt.claim_new_run_dir(out, force):
+        ckpt.write_run_files(out, config, prepared.vocab)
+        log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+            f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
+        return trainer.run()
 
 
 # Settings a resumed run may change: it can be extended, nothing else.
@@ -128,10 +132,27 @@ RESUME_MUTABLE = {"epochs", "max_time"}
 
 
 def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> TrainResult:
-    config = ckpt.read_run_config(out)
+    ckpt.read_run_config(out)  # a run, before a lock file is put in it
+    with ckpt.lock_run_dir(out):
+        # read again under the lock: the run may have changed while we waited for it
+        return _resume_locked(out, ckpt.read_run_config(out), data, settings, progress=progress, log=log, save_every=save_every)
+
+
+def _no_last_checkpoint(out: Path) -> ckpt.RunDirError:
+    """Say what is left of a run without last.safetensors, and never advise deleting the only trained weights."""
+    if (out / ckpt.BEST_FILE).is_file():
+        return ckpt.RunDirError(
+            f"{out} has no {ckpt.LAST_FILE}, so it cannot be resumed; its best weights, {out / ckpt.BEST_FILE}, are "
+            "still there (eval and generate use them). To keep them, train the new run into another --out "
+            "(or copy the folder first): --force would delete them"
+        )
+    return ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE} and no {ckpt.BEST_FILE}: it stopped before its first checkpoint, "
+                            f"so there is nothing to resume or keep; start it again with `neurallm train --out {out} --force ...`")
+
+
+def _resume_locked(out: Path, config: RunConfig, data, settings: dict, *, progress, log, save_every) -> TrainResult:
     if not (out / ckpt.LAST_FILE).is_file():
-        raise ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE}: it stopped before its first checkpoint, so there is nothing "
-                               f"to resume; start it again with `neurallm train --out {out} --force ...`")
+        raise _no_last_checkpoint(out)
     saved = {**config.source.to_dict(), **config.tokenizer.to_dict(), **config.vocab.__dict__,
              **config.model.to_dict(), **config.train.to_dict()}
     for key, value in settings.items():
@@ -152,6 +173,7 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
     for key in RESUME_MUTABLE & settings.keys():
         setattr(config.train, key, settings[key])
     config.train.__post_init__()
+    ckpt.check_weights_fit(out / ckpt.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
     if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
         prepared = load_prepared(Path(config.source.data))
     else:
@@ -230,6 +252,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "au
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     path = folder / (ckpt.BEST_FILE if checkpoint == "best" else ckpt.LAST_FILE)
+    ckpt.check_weights_fit(path, config.model)  # header against config before a byte of the model is allocated
     model = build_model(config.model)
     tensors, _ = ckpt.read_safetensors(path)
     ckpt.load_model_tensors(model, tensors, path)

@@ -23,3 +23,7 @@ class RunDirError(NeurallmError):
 
 class TrainingError(NeurallmError):
     """Training that cannot go on (for example repeated non-finite losses)."""
+
+
+class FolderInUseError(NeurallmError):
+    """A run or prepared folder that another process is writing (it holds the folder's lock)."""

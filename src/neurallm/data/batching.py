@@ -111,7 +111,8 @@ class ShuffledWindows:
         return -(-self._n_windows // self.batch_size)
 
     def epoch(self, epoch: int, start_window: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # modulo 2**64: any 64-bit --seed gives a valid generator seed (the product alone overflows torch's)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         order = torch.randperm(self._n_windows, generator=generator)
         offsets = torch.arange(self.bptt + 1)
         ids = torch.as_tensor(np.asarray(self.ids, dtype=np.int64))

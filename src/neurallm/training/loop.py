@@ -4,9 +4,10 @@ The loop knows nothing about a particular model: it needs ``init_state``, ``forw
 ``head.loss`` and ``carries_state``. It writes nothing but the run directory, through
 :mod:`neurallm.training.checkpoint`.
 
-Stops: ``--epochs`` reached, ``--max-time`` seconds of training spent (counted over resumes), or Ctrl-C
-(the first one finishes the current step and stops cleanly; a second one aborts). In every case the best
-model is evaluated on the test split, as the PyTorch example does.
+Stops: ``--epochs`` reached, ``--max-time`` seconds of training spent (counted over resumes), or Ctrl-C or
+SIGTERM (what ``timeout``, docker, systemd and SLURM send): the first one finishes the current step, saves
+and stops cleanly; a second one aborts. In every case the best model is evaluated on the test split, as the
+PyTorch example does.
 
 Numerical faults: a non-finite loss or gradient skips the step, restores the weights and optimizer from
 ``last.safetensors``, divides the learning rate by 4 and says so; a second fault stops training with the
@@ -60,25 +61,29 @@ class TrainResult:
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the step and stop cleanly. Second: abort at once."""
+    """First Ctrl-C or SIGTERM: finish the step, save and stop cleanly. Second: abort at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.reason = ""  # "Ctrl-C" or "SIGTERM", for the message
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.reason = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def detach_state(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -158,6 +163,11 @@ class Trainer:
         path = self.run_dir / ckpt.LAST_FILE
         tensors, state = ckpt.load_last(path)
         ckpt.load_model_tensors(self.model, tensors, path)
+        with ckpt.reading_training_state(path):
+            self._apply_training_state(state, full=full)
+
+    def _apply_training_state(self, state: ckpt.TrainingState, *, full: bool) -> None:
+        path = self.run_dir / ckpt.LAST_FILE
         ckpt.optimizer_from_state(self.optimizer, state.info["optimizer"], state.tensors)
         if not full:
             return
@@ -286,7 +296,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - epoch_started
         if stopped_by == "interrupt":
-            self.log("interrupted: saving the current state and evaluating the best model")
+            self.log(f"interrupted ({stop.reason}): saving the current state and evaluating the best model")
             self.save_last()
             return stopped_by
         valid = self.validate()
