@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -234,12 +235,13 @@ class Run:
         return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=context)
 
     def generate(self, prompt: str = "", *, tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 1111, context: int | None = None) -> GenerationResult:
-        """Sample text after ``prompt`` (same seed, same text)."""
+                 top_p: float | None = None, seed: int = 1111, context: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Sample text after ``prompt`` (same seed, same text); ``on_text`` receives the text as it is made."""
         train = self.config.train
         context = context if context is not None else train.bptt + self.config.model.memory
         return generate(self.model, self.vocab, self.config.tokenizer, prompt=prompt, tokens=tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context)
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context, on_text=on_text)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Run:

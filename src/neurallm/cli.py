@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from neurallm import __version__
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to generate (default {DEFAULT_TOKENS})")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                   help=f"tokens to generate, at most 1,000,000; printed as they are made (default {DEFAULT_TOKENS})")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -204,21 +206,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_generate_out(out: Path, run: Path) -> None:
+    """--out must be a file outside the run folder: writing into it could replace a run file."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a file for the text")
+    if run.is_dir() and out.resolve().is_relative_to(run.resolve()):
+        raise ConfigError(f"--out {out} is inside the run folder {run}; write the text somewhere else")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
-    from neurallm.fileio import atomic_write_text
+    from neurallm.fileio import atomic_path
 
+    if args.out:
+        _check_generate_out(Path(args.out), Path(args.run))
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    result = run.generate(args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, context=args.context)
+    settings = dict(tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, context=args.context)
+    made = [0]  # tokens written so far (the prompt's piece comes first)
+
+    def stream(write: Callable[[str], object], flush: Callable[[], None]) -> Callable[[str], None]:
+        def on_text(piece: str) -> None:
+            write(piece)
+            flush()
+            made[0] += 1
+        return on_text
+
+    # The text is written as it is made, so Ctrl-C keeps what was generated (a file still appears whole: the
+    # temp file is renamed into place with what it holds).
+    result, interrupted = None, False
+    if args.out:
+        with atomic_path(Path(args.out)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            try:
+                result = run.generate(args.prompt, on_text=stream(f.write, lambda: None), **settings)
+            except KeyboardInterrupt:
+                interrupted = True
+    else:
+        try:
+            result = run.generate(args.prompt, on_text=stream(sys.stdout.write, sys.stdout.flush), **settings)
+            print()
+        except KeyboardInterrupt:
+            interrupted = True
+            print(flush=True)
+    tokens = max(0, made[0] - 1)
+    if interrupted:
+        where = f" to {args.out}" if args.out else ""
+        print(f"neurallm generate: interrupted; wrote the {tokens:,} tokens made so far{where}", file=sys.stderr)
+        return 130
     if result.prompt_unknown:
         shown = " ".join(sorted(set(result.prompt_unknown))[:10])
         print(f"note: {len(result.prompt_unknown)} prompt token(s) not in the vocabulary, read as <unk>: {shown}", file=sys.stderr)
     if args.out:
-        atomic_write_text(Path(args.out), result.text)
-        print(f"wrote {len(result.generated_tokens):,} tokens to {args.out}", file=sys.stderr)
-    else:
-        print(result.text)
+        print(f"wrote {tokens:,} tokens to {args.out}", file=sys.stderr)
     return 0
 
 

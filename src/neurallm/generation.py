@@ -6,18 +6,26 @@ whose probability reaches top p) and fed back with the state the previous step l
 hidden state; the Transformer keeps its keys and values in the same memory it uses across training windows,
 here as a cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
 whole prefix.
+
+Text is handed out as it is made (``on_text``), so the CLI streams it and Ctrl-C keeps what was made. One call
+makes at most ``MAX_TOKENS`` tokens: the result keeps every token in memory.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from neurallm.data.tokenizers import EOS, TokenizerSettings, detokenize, tokenize_line
+from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
+
+MAX_TOKENS = 1_000_000
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass
@@ -37,11 +45,17 @@ class GenerationResult:
     prompt_unknown: list[str]
 
 
-def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int, context: int) -> None:
     if tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if tokens > MAX_TOKENS:
+        raise ConfigError(f"--tokens must be at most {MAX_TOKENS:,} per call, got {tokens:,}; run again with another --seed for more")
+    if not 0 <= temperature < math.inf:  # NaN fails this too
+        raise ConfigError(f"--temperature must be 0 (greedy) or a positive finite number, got {temperature}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and 2**64-1, got {seed}")
+    if context < 1:
+        raise ConfigError(f"--context must be at least 1 token, got {context}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -54,7 +68,9 @@ def sample_next(
     """Draw one token id from ``logits`` ``(V,)``."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    # shift so the largest logit is 0 before dividing: a tiny temperature then gives 0 and -inf (greedy), not inf - inf
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         cutoff = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
@@ -81,6 +97,7 @@ def generate(
     top_p: float | None = None,
     seed: int = 1111,
     context: int = 512,
+    on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Sample ``tokens`` tokens after ``prompt``.
 
@@ -95,8 +112,10 @@ def generate(
         top_p: sample among the most likely tokens whose probabilities add up to p.
         seed: the same seed gives the same text.
         context: Transformer cache length in tokens (RNNs carry their whole history in their state).
+        on_text: called with each piece of the text as it is made (the prompt, then one piece per token);
+            the pieces add up to the result's ``text``.
     """
-    _check(tokens, temperature, top_k, top_p)
+    _check(tokens, temperature, top_k, top_p, seed, context)
     model.eval()
     device = next(model.parameters()).device
     prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
@@ -106,6 +125,12 @@ def generate(
     start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
     ids, _ = vocab.encode(start)
 
+    prompt_text = prompt if prompt_tokens else ""
+    # the first word is joined to the prompt by a space unless the prompt ends a line or a word already
+    detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")))
+    pieces = [prompt_text]
+    emit = on_text or (lambda piece: None)
+    emit(prompt_text)
     generator = torch.Generator().manual_seed(seed)
     state = model.init_state(1, device)
     forward_kwargs = {} if model.window_independent else {"keep": context}
@@ -119,14 +144,7 @@ def generate(
         logits = model.head.logits(features[-1, 0])
         next_id = sample_next(logits, temperature, top_k, top_p, generator)
         generated.append(next_id)
+        pieces.append(detokenizer.piece(vocab.tokens[next_id]))
+        emit(pieces[-1])
         features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
-    generated_tokens = vocab.decode(generated)
-    prompt_text = prompt if prompt_tokens else ""
-    text = prompt_text + _joiner(prompt_text, generated_tokens, tokenizer.level) + detokenize(generated_tokens, tokenizer.level)
-    return GenerationResult(text, generated_tokens, prompt_tokens, unknown)
-
-
-def _joiner(prompt_text: str, generated: list[str], level: str) -> str:
-    if level == "char" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
-        return ""
-    return " "
+    return GenerationResult("".join(pieces), vocab.decode(generated), prompt_tokens, unknown)

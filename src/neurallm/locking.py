@@ -72,17 +72,20 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _holder(path: Path) -> str:
+    """"PID 1234, writing a training run", from the lock file's "PID WHAT" line."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            pid = f.read(32).strip()
+            pid, _, what = f.read(200).strip().partition(" ")
     except OSError:
-        pid = ""
-    return f"PID {pid}" if pid.isdigit() else "a process that is still starting"
+        pid, what = "", ""
+    if not pid.isdigit():
+        return "a process that is just starting"
+    return f"PID {pid}, writing {what}" if what else f"PID {pid}"
 
 
-def _busy(folder: Path, what: str) -> FolderInUseError:
+def _busy(folder: Path) -> FolderInUseError:
     return FolderInUseError(
-        f"{folder} is in use by another neurallm process ({_holder(folder / LOCK_FILE)}) that is writing {what}; "
+        f"{folder} is in use by another neurallm process ({_holder(folder / LOCK_FILE)}); "
         "wait for it to finish or stop it (Ctrl-C), or use another folder"
     )
 
@@ -92,7 +95,7 @@ def lock_folder(folder: Path, what: str) -> FolderLock:
 
     Args:
         folder: the folder to lock (must exist).
-        what: what the holder writes, for the error message a second process gets ("a training run").
+        what: what this process writes, kept in the lock file for the error a second process gets ("a training run").
     """
     folder = Path(folder)
     path = folder / LOCK_FILE
@@ -102,7 +105,7 @@ def lock_folder(folder: Path, what: str) -> FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _busy(folder, what) from None
+            raise _busy(folder) from None
         except BaseException:
             os.close(fd)
             raise
@@ -110,11 +113,11 @@ def lock_folder(folder: Path, what: str) -> FolderLock:
             break
         os.close(fd)  # the holder released and unlinked it between our open and flock: take the new file
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()} {what}\n".encode())
     return FolderLock(folder, fd)
 
 
-def check_not_locked(folder: Path, what: str) -> None:
+def check_not_locked(folder: Path) -> None:
     """Raise naming the holder's PID if another process holds ``folder``'s lock; create and change nothing."""
     path = Path(folder) / LOCK_FILE
     try:
@@ -124,6 +127,6 @@ def check_not_locked(folder: Path, what: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _busy(Path(folder), what) from None
+        raise _busy(Path(folder)) from None
     finally:
         os.close(fd)

@@ -131,7 +131,7 @@ def check_new_run_dir(folder: Path, force: bool, *, holding_lock: bool = False) 
     if not folder.is_dir():
         return
     if not holding_lock:
-        check_not_locked(folder, _WHAT)
+        check_not_locked(folder)
     if not any(entry.name != LOCK_FILE for entry in os.scandir(folder)):
         return
     reason = _why_not_a_run(folder)
@@ -176,6 +176,26 @@ def check_run_dir_still_there(folder: Path) -> None:
     if not (Path(folder) / CONFIG_FILE).is_file():
         raise RunDirError(f"{folder} (or its {CONFIG_FILE}) was deleted or moved while training; stopped without writing "
                           "anything, so no half run is recreated there")
+
+
+def _write_run_file(path: Path, write) -> None:
+    """``atomic_write`` into a run directory that must still be there: checked before the write and after it."""
+    folder = Path(path).parent
+    check_run_dir_still_there(folder)
+    try:
+        atomic_write(path, write)
+    except FileNotFoundError:
+        # only another program deletes files in a locked run folder: most likely the folder is being deleted
+        raise RunDirError(f"{folder}: a checkpoint being written was deleted from it while training (was the run folder "
+                          "deleted or moved?); stopped without recreating it") from None
+    if not (folder / CONFIG_FILE).is_file():
+        # deleted during the write, which (making its temp file) created the folder again: undo that
+        Path(path).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty: someone else's files, left alone
+        check_run_dir_still_there(folder)
 
 
 def remove_stale_temp_files(folder: Path) -> None:
@@ -341,22 +361,22 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict) -> None:
-    check_run_dir_still_there(Path(path).parent)
     tensors = model_tensors(model)
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, {"neurallm": json.dumps(metadata)}))
+    _write_run_file(path, lambda tmp: _save_file(tensors, tmp, {"neurallm": json.dumps(metadata)}))
 
 
 def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str]) -> None:
     """safetensors' writer, its own error type turned into the OSError it stands for.
 
-    safetensors reports an I/O failure as ``SafetensorError("... Os { code: 28, ... }")``; the errno is kept,
+    safetensors reports an I/O failure as ``SafetensorError("... No space left on device (os error 28) ...")``
+    (older versions: ``Os { code: 28, ... }``); the errno is kept,
     so the atomic write that called us sees a full disk (ENOSPC) as it would from Python's own writes.
     """
     try:
         save_file(tensors, str(tmp), metadata=metadata)
     except SafetensorError as exc:
-        code = re.search(r"code: (\d+)", str(exc))
-        errno_code = int(code.group(1)) if code else errno.EIO
+        code = re.search(r"os error (\d+)|code: (\d+)", str(exc))
+        errno_code = int(code.group(1) or code.group(2)) if code else errno.EIO
         raise OSError(errno_code, f"{os.strerror(errno_code)} (writing a checkpoint)", str(tmp)) from None
 
 
@@ -372,8 +392,7 @@ def save_last(path: Path, model: nn.Module, state: TrainingState) -> None:
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
     tensors.update({k: v.detach().contiguous().cpu() for k, v in state.tensors.items()})
     metadata = {"neurallm_state": json.dumps(state.info)}
-    check_run_dir_still_there(Path(path).parent)
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+    _write_run_file(path, lambda tmp: _save_file(tensors, tmp, metadata))
 
 
 # The training-state entries a resume reads, with their JSON types (checked before any is used).
@@ -440,6 +459,6 @@ def optimizer_from_state(optimizer: torch.optim.Optimizer, info: dict, tensors: 
 
 def write_metrics(folder: Path, records: list[dict]) -> None:
     """Rewrite metrics.jsonl from the records kept in the checkpoint, so the two always agree."""
-    check_run_dir_still_there(folder)
-    atomic_write_text(Path(folder) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    _write_run_file(Path(folder) / METRICS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
