@@ -157,7 +157,7 @@ def from_dict(cls, data: dict, source: str):
             continue
         kinds = (int, float) if type(default) is float else type(default)
         if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
-            raise ConfigError(f"{source}: {name} is {value!r}, not a {type(default).__name__}; the file is damaged")
+            raise ConfigError(f"{source}: {name} is {value!r}, not of type {type(default).__name__}; the file is damaged")
     try:
         return cls(**data)
     except ConfigError as exc:
