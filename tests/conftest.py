@@ -56,3 +56,47 @@ def tiny_corpus(tmp_path) -> Path:
 
 TINY_MODEL = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0, batch_size=4, bptt=8, epochs=1, lr=2.0,
                   eval_batch_size=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny word-level LSTM trained for 2 epochs (metrics, curves.png, results.json all written).
+
+    Shared by the session: tests that change a run must copy it first.
+    """
+    import neurallm
+
+    root = tmp_path_factory.mktemp("trained-run")
+    corpus = write_patterned_corpus(root / "corpus", lines=200)
+    settings = {**TINY_MODEL, "epochs": 2}
+    neurallm.train(corpus, root / "run", progress=False, **settings)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def live_server(trained_run):
+    """``trained_run`` served by a real uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
+    import threading
+    import time
+
+    pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
+    import uvicorn
+
+    import neurallm
+    from neurallm.config import ServeConfig
+    from neurallm.server import bind_socket
+    from neurallm.server.app import create_app
+
+    app = create_app(neurallm.load_run(trained_run), ServeConfig(max_tokens=200))
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()

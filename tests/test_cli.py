@@ -193,12 +193,20 @@ def test_tied_with_unequal_sizes_fails_with_one_line_naming_the_flag(corpus, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shared_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)  # `tinyshakespeare` is found in ../shared/data
-    monkeypatch.delenv("NEURALLM_DATA", raising=False)
-    out = tmp_path / "chars"
-    assert main(["train", "--data", "tinyshakespeare", "--level", "char", "--out", str(out), *TINY,
-                 "--batch-size", "32", "--bptt", "32", "--max-time", "3", "--eval-batch-size", "20"]) == 0
+@pytest.fixture(scope="module")
+def shakespeare_run(shared_data, tmp_path_factory) -> Path:
+    """A character-level run trained (3 s) on the dataset name `tinyshakespeare`, found in ../shared/data."""
+    out = tmp_path_factory.mktemp("runs") / "chars"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        patch.delenv("NEURALLM_DATA", raising=False)
+        assert main(["train", "--data", "tinyshakespeare", "--level", "char", "--out", str(out), *TINY,
+                     "--batch-size", "32", "--bptt", "32", "--max-time", "3", "--eval-batch-size", "20"]) == 0
+    return out
+
+
+def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shakespeare_run, capsys):
+    out = shakespeare_run
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--batch-size", "20"]) == 0
     result = _json_line(capsys)
@@ -209,6 +217,18 @@ def test_char_level_tinyshakespeare_trains_evaluates_with_bpc_and_generates(shar
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:")
     assert len(text) >= len("ROMEO:") + 50  # 50 characters follow (an <unk>, if drawn, is written as 5)
+
+
+def test_a_run_trained_on_a_dataset_name_is_evaluated_from_another_folder_offline(shakespeare_run, tmp_path, monkeypatch, capsys):
+    config = json.loads((shakespeare_run / "config.json").read_text())
+    assert config["source"]["data"] == "tinyshakespeare"
+    assert config["source"]["location"] == str((REPO.parent / "shared" / "data" / "tinyshakespeare").resolve())
+    monkeypatch.chdir(tmp_path)  # ../shared/data does not exist from here
+    monkeypatch.delenv("NEURALLM_DATA", raising=False)
+    monkeypatch.setenv("NEURALLM_MIRROR", "http://127.0.0.1:9")  # a download would fail: nothing listens there
+    capsys.readouterr()
+    assert main(["eval", str(shakespeare_run), "--json", "--batch-size", "20"]) == 0
+    assert _json_line(capsys)["tokens"] == 47_426 - 1
 
 
 def test_news_csv_with_the_tutorial_preprocessing_trains_evaluates_and_generates(shared_data, tmp_path, capsys):
@@ -252,3 +272,147 @@ def test_done_when_an_lstm_on_wt2_lite_reaches_test_perplexity_under_1000(shared
     result = _json_line(capsys)
     assert result["tokens"] == 126_683 - 1
     assert math.isfinite(result["ppl"]) and result["ppl"] < 1000, result
+
+
+def test_dry_run_trains_one_batch_then_validates_and_tests(corpus, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--epochs", "3", "--dry-run"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["complete"] is False  # one batch, not an epoch
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_by"] == "dry_run" and results["test"]["tokens"] == _word_tokens(corpus) - 1
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", "x", "--epoch", "3"], ["train", "--out", "x", "--save-ev", "60"],
+                                  ["eval", "run", "--compare", "1,2"], ["generate", "run", "--temp", "0.5"]],
+                         ids=["epoch", "save-ev", "compare", "temp"])
+def test_abbreviated_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_max_time_stop_says_so_on_the_console(corpus, tmp_path, capsys):
+    out = tmp_path / "timed"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--epochs", "3", "--max-time", "0.001"]) == 0
+    log = capsys.readouterr().out
+    assert "stopped by --max-time after 0 of 3 epochs and 1 of " in log
+    assert json.loads((out / "results.json").read_text())["stopped_by"] == "max_time"
+
+
+def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(word_run, corpus, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for split in ("train", "valid", "test"):
+        # 4 of the 8 tokens per line are unknown to the run (zebra, ate, grass, quickly); "the" and <eos> are known
+        (foreign / f"{split}.txt").write_text("the zebra ate the grass quickly the\n" * 40, encoding="utf-8")
+    assert main(["eval", str(word_run), "--data", str(foreign), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unk_share"] == pytest.approx(4 / 8)  # stdout: the one JSON object alone
+    [warning] = captured.err.splitlines()
+    assert "warning: 50.0% of the test tokens" in warning and "<unk>" in warning
+    assert main(["eval", str(word_run)]) == 0  # its own corpus: every word known, no warning
+    captured = capsys.readouterr()
+    assert "<unk> 0.0%" in captured.out and captured.err == ""
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from neurallm.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_flag_of_every_subcommand_shows_its_default_in_its_help():
+    for command, parser in _subparsers().items():
+        for action in parser._actions:
+            switch = action.nargs == 0  # --tied, --json, -h: off unless given
+            if switch or action.required or not action.option_strings:
+                continue
+            assert "(default: " in action.help, f"neurallm {command} {action.option_strings[0]}"
+
+
+def test_the_readme_flag_tables_are_the_parsers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flags_table", REPO / "scripts" / "flags_table.py")
+    flags_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags_table)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert {m[2] for m in flags_table.MARKERS.finditer(readme)} == set(_subparsers()) - {"datasets"}
+    assert flags_table.regenerate(readme) == readme, "README flag tables are stale: python scripts/flags_table.py --write"
+
+
+def test_the_readme_quick_start_is_two_commands_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["./scripts/quickstart.sh", "./scripts/test.sh"]
+    for script in commands:
+        assert os.access(REPO / script, os.X_OK), script
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "\n./scripts/test.sh\n" in ci
+    setup = (REPO / "scripts" / "setup-venv.sh").read_text(encoding="utf-8")
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in setup  # the local CPU wheel, never an unpinned torch
+
+
+def test_save_writes_a_copy_of_the_best_weights_as_safetensors(word_run, corpus, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out, saved = tmp_path / "run", tmp_path / "model.pt"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--save", str(saved)]) == 0
+    assert f"wrote the best weights to {saved}" in capsys.readouterr().out
+    assert saved.read_bytes() == (out / "model.safetensors").read_bytes()
+    assert load_file(str(saved))  # a safetensors file, whatever its name
+
+
+def test_save_into_a_missing_folder_fails_before_training(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--save", str(tmp_path / "no" / "m.pt")]) == 1
+    assert "--save" in capsys.readouterr().err and not out.exists()
+
+
+def test_onnx_export_runs_after_training_or_fails_before_it_in_one_line(corpus, tmp_path, capsys):
+    import importlib.util
+
+    out, onnx = tmp_path / "run", tmp_path / "model.onnx"
+    code = main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--onnx-export", str(onnx)])
+    if importlib.util.find_spec("neurallm.export") is None:
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("neurallm train: error: --onnx-export") and err.count("\n") == 1
+        assert not out.exists()  # refused before any training
+    else:
+        assert code == 0 and onnx.is_file()
+
+
+def test_the_pytorch_examples_generate_spellings_are_aliases(word_run, tmp_path, capsys):
+    ours, theirs = tmp_path / "ours.txt", tmp_path / "theirs.txt"
+    assert main(["generate", str(word_run), "--tokens", "12", "--seed", "5", "--out", str(ours)]) == 0
+    assert main(["generate", str(word_run), "--words", "12", "--seed", "5", "--outf", str(theirs)]) == 0
+    assert theirs.read_text(encoding="utf-8") == ours.read_text(encoding="utf-8")
+
+
+def test_explain_compare_batch_sizes_keeps_eval_batch_sizes_as_an_alias(capsys):
+    assert main(["explain", "--range", "1..40", "--eval", "--compare-batch-sizes", "5,8"]) == 0
+    new = capsys.readouterr().out
+    assert main(["explain", "--range", "1..40", "--eval", "--eval-batch-sizes", "5,8"]) == 0
+    assert capsys.readouterr().out == new and "batch size 5" in new
+
+
+def test_context_means_the_same_in_every_subcommand_that_has_it():
+    from neurallm.config import CONTEXT_HELP
+
+    having = {command: action for command, parser in _subparsers().items() for action in parser._actions
+              if "--context" in action.option_strings}
+    assert {"train", "eval", "generate", "explain"} <= having.keys()
+    for command, action in having.items():
+        assert action.help.startswith(CONTEXT_HELP), command
+
+
+def test_eval_and_explain_name_their_batch_size_list_alike():
+    for command in ("eval", "explain"):
+        options = {o for a in _subparsers()[command]._actions for o in a.option_strings}
+        assert "--compare-batch-sizes" in options

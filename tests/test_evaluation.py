@@ -32,7 +32,7 @@ def trained_lstm(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("eval")
     corpus = write_patterned_corpus(folder / "corpus", lines=400)
-    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, log=lambda m: None, **TINY_MODEL)
+    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, **TINY_MODEL)
     run = neurallm.load_run(folder / "run")
     return run, run.eval_data().ids("test")
 
@@ -59,7 +59,7 @@ def test_batch_size_one_is_reading_the_text_in_order(trained_lstm):
     model = run.model
     stream = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(-1, 1)
     with torch.no_grad():
-        features, _ = model(stream[:-1], model.init_state(1))
+        features, _ = model.features(stream[:-1], model.init_state(1))
         reference = model.head.loss(features, stream[1:]).item()
     result = evaluate(model, ids, batch_size=1, bptt=8)
     assert result.tokens == len(ids) - 1
@@ -119,6 +119,37 @@ def test_transformer_without_memory_uses_sliding_windows_independent_of_batch_si
     many = evaluate(model, ids, batch_size=batch_size, bptt=16)
     assert one.context == 8 and many.tokens == one.tokens == 499
     assert relative_gap(many.ppl, one.ppl) < 1e-5
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["exact", "naive"])
+def test_evaluation_runs_with_dropout_off_and_leaves_the_model_in_its_mode(naive):
+    ids = np.random.default_rng(3).integers(0, 30, 300)
+    model = random_model("LSTM", dropout=0.5)
+    score = evaluate_naive if naive else evaluate
+    in_eval_mode = score(model.eval(), ids, batch_size=4, bptt=8).loss
+    from_training_mode = score(model.train(), ids, batch_size=4, bptt=8).loss
+    assert from_training_mode == pytest.approx(in_eval_mode, rel=1e-6)  # dropout was off
+    assert model.training  # and the caller's mode is back
+    assert not score(model.eval(), ids, batch_size=4, bptt=8) is None and not model.training
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "Transformer"])
+def test_exact_evaluation_reads_a_memory_mapped_split_window_by_window(kind, tmp_path):
+    """No int64 (or any) copy of the split: NumPy's peak allocation stays a small fraction of the split."""
+    import tracemalloc
+
+    path = tmp_path / "test.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 30, 1_000_000).astype(np.uint16))
+    ids = np.load(path, mmap_mode="r")  # 2 MB as uint16, 8 MB as int64; a window's arrays take tens of kB
+    model = random_model(kind, emsize=8, nhid=8, nlayers=1)
+    tracemalloc.start()
+    try:
+        result = evaluate(model, ids, batch_size=20, bptt=32, context=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.tokens == len(ids) - 1
+    assert peak < 0.25 * ids.nbytes, f"{peak:,} bytes allocated for a {ids.nbytes:,}-byte split"
 
 
 def test_eval_cli_compares_naive_and_exact_for_several_batch_sizes(trained_lstm, capsys):

@@ -20,7 +20,7 @@ from conftest import TINY_MODEL, write_patterned_corpus
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generate-cli")
     corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", log=lambda message: None, **{**TINY_MODEL, "eval_context": 8})
+    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
     return root / "run"
 
 

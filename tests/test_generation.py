@@ -13,7 +13,7 @@ from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
 from neurallm.generation import generate, sample_next
 from neurallm.models import build_model
-from neurallm.training.loop import detach_state
+from neurallm.training.step import training_step
 
 WORD = TokenizerSettings()
 CYCLE = ["one", "two", "three", "four", "five", EOS]
@@ -35,13 +35,10 @@ def _train_on_the_cycle(model: torch.nn.Module, steps: int = 80) -> torch.nn.Mod
     state = model.init_state(4)
     for step in range(steps):
         for inputs, targets in batches.epoch(step):
-            state = detach_state(state) if model.carries_state else model.init_state(4)
-            features, state = model(inputs, state)
-            loss = model.head.loss(features, targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if loss.item() < 0.02:
+            state = state if model.carries_state else model.init_state(4)
+            outcome = training_step(model, optimizer, inputs, targets, state, clip=0)
+            state = outcome.state
+        if outcome.nll.item() < 0.02:
             break
     return model.eval()
 
@@ -85,12 +82,12 @@ def test_an_rnn_samples_exactly_as_a_loop_that_carries_its_state():
     state = net.init_state(1)
     expected = []
     with torch.no_grad():
-        features, state = net(torch.tensor([[2], [3], [4]]), state)  # one two three
+        features, state = net.features(torch.tensor([[2], [3], [4]]), state)  # one two three
         for _ in range(25):
-            probs = torch.softmax(net.head.logits(features[-1, 0]), dim=-1)
+            probs = torch.softmax(net.head.log_probs(features[-1, 0]), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
             expected.append(token)
-            features, state = net(torch.tensor([[token]]), state)
+            features, state = net.features(torch.tensor([[token]]), state)
     assert result.generated_tokens == VOCAB.decode(expected)
 
 
@@ -176,43 +173,76 @@ def test_char_level_generation_joins_characters():
 # --- the Transformer's KV cache ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("memory", [0, 4])
-def test_transformer_generation_with_its_kv_cache_matches_running_the_whole_prefix(memory, monkeypatch):
-    net = _model("Transformer", seed=1, nlayers=2, nhead=2, memory=memory)
-    seen_logits = []
+def _record_sampled_distributions(monkeypatch) -> list[torch.Tensor]:
+    """Log-probabilities handed to the sampler at every generated token."""
+    seen = []
     real_sample_next = generation.sample_next
 
-    def recording_sample_next(logits, *args):
-        seen_logits.append(logits.clone())
-        return real_sample_next(logits, *args)
+    def recording_sample_next(log_probs, *args):
+        seen.append(log_probs.clone())
+        return real_sample_next(log_probs, *args)
 
     monkeypatch.setattr(generation, "sample_next", recording_sample_next)
-    prompt = "one two three four"
-    result = generate(net, VOCAB, WORD, prompt=prompt, tokens=12, seed=4, context=64)  # context ≥ whole text
+    return seen
 
-    ids, _ = VOCAB.encode(prompt.split() + result.generated_tokens)
+
+def _cold_log_probs(net, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities after each of ``ids``, from one cold window over all of them: no cache involved."""
     with torch.no_grad():
-        # the whole prefix at once, cold, as one window: no cache involved
-        features, _ = net(torch.tensor(ids).view(-1, 1), net.init_state(1), keep=0)
-        full_logits = net.head.logits(features[:, 0])
-    for step, cached in enumerate(seen_logits):
-        assert torch.allclose(cached, full_logits[3 + step], atol=1e-5), f"step {step}"
+        features, _ = net.features(torch.tensor(ids).view(-1, 1), net.init_state(1))
+        return net.head.log_probs(features[:, 0])
 
 
-def test_transformer_kv_cache_is_bounded_by_the_context(monkeypatch):
-    net = _model("Transformer", seed=1, nhead=2)
-    lengths = []
-    real_forward = net.forward
+@pytest.mark.parametrize("memory", [0, 4])
+@pytest.mark.parametrize("prompt", ["one two three four", "one two three four five one two three four five six"])
+def test_transformer_generation_with_its_kv_cache_matches_running_the_whole_prefix(memory, prompt, monkeypatch):
+    net = _model("Transformer", seed=1, nlayers=2, nhead=2, memory=memory)
+    seen = _record_sampled_distributions(monkeypatch)
+    # context 8 is shorter than the long prompt (fed in two slices) but, with 12 tokens generated, not than the
+    # text; 64 holds the whole text
+    result = generate(net, VOCAB, WORD, prompt=prompt, tokens=12, seed=4, context=64)
+    ids, _ = VOCAB.encode(prompt.split() + result.generated_tokens)
+    reference = _cold_log_probs(net, ids)
+    n_prompt = len(prompt.split())
+    assert len(seen) == 12
+    for step, cached in enumerate(seen):
+        assert torch.allclose(cached, reference[n_prompt - 1 + step], atol=1e-5), f"step {step}"
 
-    def forward(input, state, keep=None):
-        features, new_state = real_forward(input, state, keep)
-        lengths.append(new_state[0].size(1))
-        return features, new_state
 
-    monkeypatch.setattr(net, "forward", forward)
-    result = generate(net, VOCAB, WORD, prompt="one two three four five one two three", tokens=20, seed=0, context=5)
-    assert len(result.generated_tokens) == 20
-    assert max(lengths) == 5
+@pytest.mark.parametrize("prompt_words", [3, 9])
+def test_a_transformer_token_attends_to_exactly_the_last_context_positions(prompt_words, monkeypatch):
+    """With --context 5 a one-layer model's every distribution equals a cold run over the last 5 tokens, the newest
+    included. (With more layers the reach compounds: older cached keys carry what their own windows saw.)"""
+    net = _model("Transformer", seed=1, nlayers=1, nhead=2)
+    seen = _record_sampled_distributions(monkeypatch)
+    prompt = " ".join((CYCLE[:-1] * 2)[:prompt_words])
+    result = generate(net, VOCAB, WORD, prompt=prompt, tokens=20, seed=0, context=5)
+    ids, _ = VOCAB.encode(prompt.split() + result.generated_tokens)
+    for step, cached in enumerate(seen):
+        last = prompt_words + step  # tokens seen before this draw
+        window = ids[max(0, last - 5) : last]
+        assert torch.allclose(cached, _cold_log_probs(net, window)[-1], atol=1e-5), f"step {step}"
+
+
+def test_the_transformer_cache_is_a_fixed_size_buffer():
+    net = _model("Transformer", seed=1, nlayers=2, nhead=2)
+    cache = net.start_generation(1, context=5)
+    shapes = {tuple(t.shape) for t in cache.tensors}
+    for token in [2, 3, 4, 5, 6, 2, 3, 4]:
+        with torch.no_grad():
+            _, cache = net.generation_step(torch.tensor([[token]]), cache)
+        assert {tuple(t.shape) for t in cache.tensors} == shapes == {(1, 2, 5, 8)}  # (B, H, context, Dh)
+    assert cache.length == 8 and cache.capacity == 5
+
+
+@pytest.mark.parametrize("model", ["LSTM", "Transformer"])
+def test_no_forward_is_run_after_the_last_token(model, monkeypatch):
+    net = _model(model, nhead=2)
+    calls = []
+    real_step = net.generation_step
+    monkeypatch.setattr(net, "generation_step", lambda ids, cache: calls.append(ids.size(0)) or real_step(ids, cache))
+    generate(net, VOCAB, WORD, prompt="one two three", tokens=10, seed=0, context=16)
+    assert calls == [3] + [1] * 9  # the prompt, then every drawn token but the last
 
 
 def test_a_transformer_trained_on_a_pattern_continues_it_greedily():

@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
-from neurallm.config import ModelConfig, RunConfig, TrainConfig
-from neurallm.data.sources import SourceSettings
+from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
+from neurallm.data.sources import SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
@@ -26,50 +28,34 @@ from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
-from neurallm.runtime import keep_freed_memory, log_line, pick_device
+from neurallm.runtime import pick_device
+from neurallm.settings import settings_of, split_settings
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.loop import Trainer, TrainResult
 
-
-def _split_kwargs(cls, kwargs: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+logger = logging.getLogger(__name__)
 
 
-def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **settings) -> PreparedCorpus:
-    """Tokenize a corpus and write its id streams (see :func:`neurallm.data.stream.prepare_corpus`).
-
-    Args:
-        data: folder, file or registered dataset name.
-        out: folder to write; default a cache folder keyed by the data and settings.
-        **settings: fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
-            ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab).
-    """
-    settings = dict(settings)
-    source = SourceSettings(data=str(data), **_split_kwargs(SourceSettings, settings))
-    tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
-    vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
-    if settings:
-        raise ConfigError(f"unknown setting(s) for prepare: {', '.join(sorted(settings))}")
-    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None, log=log)
-
-
-def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
+def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
     """The prepared corpus for ``data``: a prepared folder as it is, anything else prepared (or reused from cache)."""
     if Path(data).is_dir() and is_prepared(Path(data)):
         prepared = load_prepared(Path(data))
-        given = {k for k in settings if k in {f.name for f in fields(TokenizerSettings)} | {f.name for f in fields(SourceSettings)}}
+        fixed = {s.name: s.flag for s in settings_of(TokenizerSettings, SourceSettings)}
+        given = sorted(fixed[k] for k in settings if k in fixed)
         if given:
             raise ConfigError(f"--data {data} is already prepared; its tokenizer and reading settings are fixed, so drop "
-                              + ", ".join("--" + k.replace("_", "-") for k in sorted(given)))
+                              + ", ".join(given))
         meta = prepared.meta
         source = SourceSettings(**{**meta["source"], "split_ratios": tuple(meta["source"]["split_ratios"])})
         return prepared, source, prepared.tokenizer, VocabSettings(**meta["vocab_settings"])
-    settings = dict(settings)
-    source = SourceSettings(data=_data_name(data), **_split_kwargs(SourceSettings, settings))
-    tokenizer = TokenizerSettings(**_split_kwargs(TokenizerSettings, settings))
-    vocab = VocabSettings(**_split_kwargs(VocabSettings, settings))
-    return prepare_corpus(source, tokenizer, vocab, log=log), source, tokenizer, vocab
+    source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="the data")
+    source = SourceSettings(data=_data_name(data), **source)
+    tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
+    prepared = prepare_corpus(source, tokenizer, vocab)
+    if not Path(source.data).exists():  # a dataset name: record where it was found, for eval from any folder
+        location = dataset_location(source)
+        source = replace(source, location=None if location is None else str(location))
+    return prepared, source, tokenizer, vocab
 
 
 def _data_name(data: str | Path) -> str:
@@ -77,66 +63,51 @@ def _data_name(data: str | Path) -> str:
     return str(Path(data).resolve()) if Path(data).exists() else str(data)
 
 
-_SETTING_NAMES = {f.name for cls in (SourceSettings, TokenizerSettings, VocabSettings, ModelConfig, TrainConfig)
-                  for f in fields(cls)} - {"data", "vocab_size"}
-
-
-def _reject_unknown(settings: dict) -> None:
-    unknown = sorted(set(settings) - _SETTING_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTING_NAMES))}")
-
-
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool | None = None, log=log_line, save_every: float = 300.0, **settings) -> TrainResult:
+          progress: bool | None = None, save_every: float = 300.0, **settings) -> TrainResult:
     """Train a model on ``data`` into the run directory ``out``.
 
     ``settings`` are the fields of ``ModelConfig`` (model, emsize, nhid, nlayers, dropout, tied, nhead, memory),
     ``TrainConfig`` (lr, clip, epochs, batch_size, bptt, seed, optimizer, max_time, device, shuffle_windows, …)
-    and of the data settings accepted by :func:`prepare`. With ``resume=True`` the run continues from
-    ``last.safetensors``; only ``epochs`` and ``max_time`` may differ from the saved configuration.
+    and of the data settings accepted by :func:`prepare`: the flags of ``neurallm train --help`` with ``_`` for
+    ``-`` (``eval_context`` is ``--context``). With ``resume=True`` the run continues from ``last.safetensors``;
+    only the settings declared resumable (``epochs``, ``max_time``) may differ from the saved configuration.
 
-    Like the CLI, it asks glibc to keep freed memory for reuse (:func:`neurallm.runtime.keep_freed_memory`),
-    which nearly doubles CPU training speed; the process keeps that memory until it exits.
+    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
+    function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
+    the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
-    keep_freed_memory()
     out = Path(out)
-    settings = dict(settings)
-    _reject_unknown(settings)
+    *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="train")
     if not save_every >= 0:  # NaN fails this too
         raise ConfigError(f"--save-every must be 0 (every step) or more seconds (inf: only at the end of epochs), got {save_every}")
     if resume:
-        return _resume(out, data, settings, progress=progress, log=log, save_every=save_every)
-    model_settings = _split_kwargs(ModelConfig, settings)
-    train_settings = _split_kwargs(TrainConfig, settings)
+        return _resume(out, data, settings, progress=progress, save_every=save_every)
+    data_settings = {k: v for section in data_settings for k, v in section.items()}
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
     ckpt.check_new_run_dir(out, force)
-    prepared, source, tokenizer, vocab_settings = open_training_data(data, settings, log)
+    prepared, source, tokenizer, vocab_settings = open_training_data(data, data_settings)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
     # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
     # run: a setting that fails here must leave no half-made run that blocks the corrected command.
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     # Only now may --force delete the old run: the new one is ready to start. The folder stays locked until the
     # run ends, so a second process (another --force, a --resume) is refused rather than mixed in.
     with ckpt.claim_new_run_dir(out, force):
         ckpt.write_run_files(out, config, prepared.vocab)
-        log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+        logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
             f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
         return trainer.run()
 
 
-# Settings a resumed run may change: it can be extended, nothing else.
-RESUME_MUTABLE = {"epochs", "max_time"}
-
-
-def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> TrainResult:
+def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
     ckpt.read_run_config(out)  # a run, before a lock file is put in it
     with ckpt.lock_run_dir(out):
         # read again under the lock: the run may have changed while we waited for it
-        return _resume_locked(out, ckpt.read_run_config(out), data, settings, progress=progress, log=log, save_every=save_every)
+        return _resume_locked(out, ckpt.read_run_config(out), data, settings, progress=progress, save_every=save_every)
 
 
 def _no_last_checkpoint(out: Path) -> ckpt.RunDirError:
@@ -151,37 +122,32 @@ def _no_last_checkpoint(out: Path) -> ckpt.RunDirError:
                             f"so there is nothing to resume or keep; start it again with `neurallm train --out {out} --force ...`")
 
 
-def _resume_locked(out: Path, config: RunConfig, data, settings: dict, *, progress, log, save_every) -> TrainResult:
+def _resume_locked(out: Path, config: RunConfig, data, settings: dict, *, progress, save_every) -> TrainResult:
     if not (out / ckpt.LAST_FILE).is_file():
         raise _no_last_checkpoint(out)
-    saved = {**config.source.to_dict(), **config.tokenizer.to_dict(), **config.vocab.__dict__,
-             **config.model.to_dict(), **config.train.to_dict()}
-    for key, value in settings.items():
-        if key not in saved:
-            raise ConfigError(f"unknown setting {key}")
-        if key in RESUME_MUTABLE:
-            continue
-        if isinstance(saved[key], tuple):
-            value = tuple(value)
-        if value != saved[key]:
-            flag = "--context" if key == "eval_context" else f"--{key.replace('_', '-')}"
-            raise ConfigError(
-                f"{flag} {value} differs from the run's {saved[key]}; --resume continues a run with "
-                "its own settings (only --epochs and --max-time may change): drop the flag or start a new --out"
-            )
+    config = config.resumed_with(settings)
     if data is not None and _data_name(data) != config.source.data:
         raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
-    for key in RESUME_MUTABLE & settings.keys():
-        setattr(config.train, key, settings[key])
-    config.train.__post_init__()
     ckpt.check_weights_fit(out / ckpt.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
     if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
         prepared = load_prepared(Path(config.source.data))
     else:
-        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab, log=log)
+        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab)
     ckpt.write_run_files(out, config, prepared.vocab)
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     return trainer.run(resume=True)
+
+
+# Above this share of <unk> tokens `eval` warns: predicting <unk> is easy (one token stands for every unknown word),
+# so a corpus half made of words the run never saw scores a deceptively *low* perplexity. A run's own WikiText
+# test split has 0% (its rare words are already <unk> in the text, and in the vocabulary).
+UNK_WARN_SHARE = 0.05
+
+
+def unk_share(corpus: PreparedCorpus, split: str) -> float:
+    """Fraction of ``split``'s tokens that were not in the vocabulary when it was encoded."""
+    counts = corpus.meta["splits"][split]
+    return counts["unk"] / max(1, counts["tokens"])
 
 
 @dataclass
@@ -216,18 +182,30 @@ class Run:
             return prepared
         base = self.config.source.to_dict()
         if data is not None:
-            base["data"] = str(data)
+            base["data"], base["location"] = str(data), None
         source = SourceSettings(**{**base, **{k: v for k, v in source_settings.items() if v is not None}})
-        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, log=lambda message: None)
+        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab)
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:
-        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``)."""
-        ids = self.eval_data(data, **source_settings).ids(split)
+        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``), with the share of its
+        tokens that became ``<unk>`` (a warning is logged above :data:`UNK_WARN_SHARE`)."""
+        corpus = self.eval_data(data, **source_settings)
+        ids = corpus.ids(split)
         bptt = self.config.train.bptt
         if naive:
-            return evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
-        return evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+            result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
+        else:
+            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+        result.unk_share = unk_share(corpus, split)
+        if result.unk_share > UNK_WARN_SHARE:
+            where = corpus.meta.get("source", {}).get("data", data)
+            logger.warning(
+                f"warning: {result.unk_share:.1%} of the {split} tokens of {where} are not in the run's vocabulary and "
+                "were scored as <unk>, which makes perplexity look better than it is; compare perplexities only at "
+                "similar <unk> shares"
+            )
+        return result
 
     def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",
                             context: int | None = None, **source_settings) -> list[dict]:

@@ -1,30 +1,36 @@
 """The ``neurallm`` command: the only place that reads ``sys.argv``. Each subcommand calls the Python API.
 
-Flags keep the PyTorch word-language-model example's names (``--model --emsize --nhid --nlayers --lr --clip
---epochs --batch-size --bptt --dropout --tied --seed``). Training flags default to None here so that the
-settings a user actually typed are known: ``--resume`` compares exactly those against the saved run.
+Settings flags are generated from the settings dataclasses' fields (:mod:`neurallm.settings`; how to add one
+is in :mod:`neurallm.config`), so they keep the PyTorch word-language-model example's names (``--model --emsize
+--nhid --nlayers --lr --clip --epochs --batch-size --bptt --dropout --tied --seed``). They default to None
+here so that the settings a user actually typed are known: ``--resume`` compares exactly those against the
+saved run; ``--help`` shows the dataclass default.
+
+A subcommand is one entry of :data:`SUBCOMMANDS`: a function that adds its flags and a function that runs it.
+Abbreviated flags are refused everywhere (``--save 60`` must not silently mean ``--save-every 60``); the
+PyTorch example's own spellings are accepted as aliases (``--batch_size``, ``--save``, ``--onnx-export``,
+``--dry-run``, ``generate --words --outf``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm import __version__
+from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, TRAIN_SETTINGS, ModelConfig, TrainConfig
+from neurallm.data.sources import SourceSettings
+from neurallm.data.vocab import VocabSettings
+from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError, NeurallmError
-from neurallm.runtime import keep_freed_memory
+from neurallm.settings import Setting, format_value, settings_of
 
 DEFAULT_TOKENS = 1000
-
-
-def _ratios(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three fractions like 0.9,0.05,0.05, got {text!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,155 +43,190 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="folder with train/valid/test, a text/CSV/JSONL file, a prepared folder, or a dataset name (wikitext-2, wikitext-103, ptb, tinyshakespeare)")
-    g.add_argument("--format", choices=["auto", "dir", "text", "csv", "jsonl", "registry"], help="override format detection")
-    g.add_argument("--text-column", help="CSV columns joined into one document per row, e.g. title,description")
-    g.add_argument("--text-field", help="JSONL key holding the text")
-    g.add_argument("--split-ratios", type=_ratios, help="train,valid,test fractions for a single file (default 0.9,0.05,0.05)")
-    g.add_argument("--encoding", help="text encoding of the files, decoded strictly (default utf-8)")
+def _with_default(help_text: str, default) -> str:
+    return f"{help_text} (default: {format_value(default)})"
 
 
-def _add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tokens and vocabulary")
-    g.add_argument("--level", choices=["word", "char"], help="word (default): whitespace split, <eos> per line; char: characters")
-    g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text")
-    g.add_argument("--strip-punctuation", action="store_true", default=None, help="replace punctuation by spaces (word level)")
-    g.add_argument("--min-freq", type=int, help="drop tokens seen fewer times in train (default 1)")
-    g.add_argument("--max-vocab", type=int, help="cap the vocabulary size")
+# --- flags generated from the settings dataclasses --------------------------------------------------------------
+
+def _argparse_type(s: Setting) -> Callable[[str], object]:
+    if s.parse is None:
+        return s.kind  # argparse names it in its message: "--bptt: invalid int value: 'abc'"
+
+    def parse(text: str):
+        try:
+            return s.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _add_model_and_training_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="RNN_TANH, RNN_RELU, LSTM (default), GRU or Transformer")
-    g.add_argument("--emsize", type=int, help="embedding size (default 200)")
-    g.add_argument("--nhid", type=int, help="hidden units per layer; Transformer feed-forward width (default 200)")
-    g.add_argument("--nlayers", type=int, help="layers (default 2)")
-    g.add_argument("--dropout", type=float, help="dropout (default 0.2)")
-    g.add_argument("--tied", action="store_true", default=None, help="tie embedding and output weights (RNNs: emsize must equal nhid)")
-    g.add_argument("--nhead", type=int, help="Transformer attention heads (default 2)")
-    g.add_argument("--memory", type=int, help="Transformer-XL memory: positions of the previous window attended to (default 0)")
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, help="initial learning rate (default 20; use ~1e-3 with adamw)")
-    g.add_argument("--clip", type=float, help="gradient clipping norm (default 0.25)")
-    g.add_argument("--epochs", type=int, help="upper epoch limit (default 40)")
-    g.add_argument("--batch-size", type=int, help="parallel streams (default 20)")
-    g.add_argument("--bptt", type=int, help="sequence length (default 35)")
-    g.add_argument("--seed", type=int, help="random seed (default 1111)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="sgd (default, lr/4 on plateau) or adamw (warm-up + cosine)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
-    g.add_argument("--warmup", type=int, help="AdamW warm-up steps (default 100)")
-    g.add_argument("--max-time", type=float, help="stop after this many seconds of training")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
-    g.add_argument("--shuffle-windows", action="store_true", default=None, help="fixed windows in random order, state reset per window")
-    g.add_argument("--eval-batch-size", type=int, help="columns for validation (default 10; does not change the result)")
-    g.add_argument("--context", dest="eval_context", type=int, help="history per scored validation token (default 512 for stateful models)")
-    g.add_argument("--log-interval", type=int, help="batches between progress-bar loss updates (default 50)")
+def add_setting_flag(group, s: Setting, *, required: bool = False, default_text: str | None = None) -> None:
+    """Add the flag of one setting; its value stays None unless the user gives it.
+
+    ``default_text`` describes the default where it depends on the subcommand (``eval --data``: the run's own).
+    """
+    names = (s.flag, *s.aliases)
+    if required:
+        help_text = f"{s.help} (required)"
+    elif default_text is not None:
+        help_text = f"{s.help} (default: {default_text})"
+    else:
+        help_text = s.help_with_default()
+    if s.kind is bool:
+        group.add_argument(*names, dest=s.name, action="store_true", default=None, help=help_text)
+    else:
+        # the placeholder follows the flag, not the field: `--context N`'s value is named CONTEXT, not EVAL_CONTEXT
+        metavar = s.metavar or (None if s.choices else s.flag.lstrip("-").replace("-", "_").upper())
+        group.add_argument(*names, dest=s.name, type=_argparse_type(s), choices=s.choices, metavar=metavar,
+                           required=required, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neurallm", description="Train, evaluate and sample neural language models.")
-    parser.add_argument("--version", action="version", version=f"neurallm {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_setting_flags(parser: argparse.ArgumentParser, title: str, *classes: type,
+                      required: tuple[str, ...] = (), default_texts: dict[str, str] | None = None) -> None:
+    """One argument group with a flag per setting of ``classes``."""
+    group = parser.add_argument_group(title)
+    for s in settings_of(*classes):
+        add_setting_flag(group, s, required=s.name in required, default_text=(default_texts or {}).get(s.name))
 
-    p = sub.add_parser("prepare", help="tokenize a corpus and write its id streams and vocabulary")
-    _add_data_flags(p, required=True)
-    _add_tokenizer_flags(p)
+
+def given_settings(args: argparse.Namespace, *classes: type) -> dict:
+    """The settings of ``classes`` the user typed (argparse leaves the others None); ``--data`` is passed apart."""
+    return {s.name: getattr(args, s.name) for s in settings_of(*classes)
+            if s.name != "data" and getattr(args, s.name, None) is not None}
+
+
+def _add_data_flags(p: argparse.ArgumentParser, *, data_default: str | None) -> None:
+    """The data group; ``data_default`` None makes ``--data`` required."""
+    if data_default is None:
+        add_setting_flags(p, "data", SourceSettings, required=("data",))
+    else:
+        add_setting_flags(p, "data", SourceSettings, default_texts={"data": data_default})
+
+
+def _add_context_flag(p: argparse.ArgumentParser, default_text: str, *, default: int | None = None) -> None:
+    p.add_argument("--context", type=int, default=default, help=f"{CONTEXT_HELP} (default: {default_text})")
+
+
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help=_with_default("where to run", "auto"))
+
+
+def _add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help=_with_default("best: model.safetensors (best on validation); last: last.safetensors", "best"))
+
+
+# --- subcommands: one function adds the flags, one runs it ------------------------------------------------------
+
+def add_prepare_flags(p: argparse.ArgumentParser) -> None:
+    _add_data_flags(p, data_default=None)
+    add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
     p.add_argument("--out", help="folder to write (default: the cache, keyed by data and settings)")
-
-    p = sub.add_parser("train", help="train a model into a run directory")
-    _add_data_flags(p, required=False)
-    _add_tokenizer_flags(p)
-    _add_model_and_training_flags(p)
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue --out from last.safetensors")
-    p.add_argument("--force", action="store_true", help="replace an existing run directory")
-    p.add_argument("--save-every", type=float, default=300.0, help="seconds between mid-epoch checkpoints (default 300)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    p = sub.add_parser("eval", help="evaluate a run: loss, perplexity, tokens scored (bpc at char level)")
-    p.add_argument("run", help="run directory")
-    _add_data_flags(p, required=False)
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    p.add_argument("--batch-size", type=int, default=10, help="columns evaluated in parallel (default 10)")
-    p.add_argument("--context", type=int, help="tokens of history per scored token (default 512 stateful, bptt/2 otherwise)")
-    p.add_argument("--naive", action="store_true", help="the PyTorch example's method (depends on --batch-size)")
-    p.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...", help="table of naive vs exact ppl per batch size")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = sub.add_parser("generate", help="sample text from a run")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                   help=f"tokens to generate, at most 1,000,000; printed as they are made (default {DEFAULT_TOKENS})")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=1111)
-    p.add_argument("--context", type=int, help="Transformer KV-cache length (default bptt + memory)")
-    p.add_argument("--out", help="write the text to this file instead of standard output")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-
-    p = sub.add_parser("explain", help="show how a text is batchified and cut into BPTT windows")
-    p.add_argument("--text", help="a short text to use as the token stream")
-    p.add_argument("--range", dest="numbers", help="numbers FIRST..LAST as the token stream, e.g. 1..40")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--bptt", type=int, default=2)
-    p.add_argument("--eval", action="store_true", help="the evaluation view: naive 5×8 vs 6×6 layouts against exact")
-    p.add_argument("--eval-batch-sizes", type=_int_list, default=[8, 6], metavar="B1,B2", help="batch sizes of the --eval view (default 8,6)")
-    p.add_argument("--context", type=int, default=4, help="burn-in of the exact layout in the --eval view (default 4)")
-
-    sub.add_parser("datasets", help="list the registered datasets and where each is found")
-    for command_parser in sub.choices.values():
-        # `neurallm train --debug …` works as well as `neurallm --debug train …`; SUPPRESS leaves the top-level
-        # value alone when the flag is not repeated after the subcommand.
-        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    return parser
-
-
-_DATA_KEYS = ("format", "text_column", "text_field", "split_ratios", "encoding")
-_TOKENIZER_KEYS = ("level", "lowercase", "strip_punctuation", "min_freq", "max_vocab")
-_TRAIN_KEYS = ("model", "emsize", "nhid", "nlayers", "dropout", "tied", "nhead", "memory", "lr", "clip", "epochs",
-               "batch_size", "bptt", "seed", "optimizer", "weight_decay", "warmup", "max_time", "device",
-               "shuffle_windows", "eval_batch_size", "eval_context", "log_interval")
-
-
-def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    """The settings the user typed (argparse leaves the others None)."""
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from neurallm.api import prepare
+    from neurallm.data.prepare import prepare  # not neurallm.api: preparing needs no torch
 
-    prepared = prepare(args.data, args.out, **_given(args, _DATA_KEYS + _TOKENIZER_KEYS))
+    prepared = prepare(args.data, args.out, **given_settings(args, *DATA_SETTINGS))
     print(f"prepared {prepared.folder} (vocabulary {len(prepared.vocab):,})")
     return 0
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    _add_data_flags(p, data_default="none; required unless --resume")
+    add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
+    add_setting_flags(p, "model", ModelConfig)
+    add_setting_flags(p, "training", TrainConfig)
+    g = p.add_argument_group("run directory and outputs")
+    g.add_argument("--out", required=True, metavar="RUN", help="run directory (required)")
+    g.add_argument("--resume", action="store_true", help="continue --out from last.safetensors")
+    g.add_argument("--force", action="store_true", help="replace an existing run directory")
+    g.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
+                   help=_with_default("seconds between mid-epoch checkpoints", 300))
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: plain progress lines instead, as when stderr is not a terminal")
+    g.add_argument("--save", metavar="FILE", help="also write the best weights to FILE when training ends, as "
+                   "safetensors (the PyTorch example's --save; the run directory keeps them as model.safetensors) "
+                   "(default: none)")
+    g.add_argument("--onnx-export", metavar="FILE",
+                   help="export the best model to FILE as ONNX when training ends (the PyTorch example's --onnx-export) "
+                        "(default: none)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from neurallm.api import train
 
-    settings = _given(args, _DATA_KEYS + _TOKENIZER_KEYS + _TRAIN_KEYS)
+    settings = given_settings(args, *TRAIN_SETTINGS)
     if not args.resume and args.data is None:
         raise ConfigError("train needs --data (a folder, file or dataset name); or --resume an existing --out")
     if args.resume and args.force:
         raise ConfigError("--resume and --force contradict each other: --resume continues --out, --force replaces it")
+    for flag, path in (("--save", args.save), ("--onnx-export", args.onnx_export)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it or name another file")
+    export_onnx = _onnx_exporter() if args.onnx_export else None  # fails before training if export is missing
     progress = False if args.no_progress else None
-    train(args.data, args.out, resume=args.resume, force=args.force, progress=progress, save_every=args.save_every, **settings)
+    result = train(args.data, args.out, resume=args.resume, force=args.force, progress=progress,
+                   save_every=args.save_every, **settings)
+    if args.save:
+        _copy_best_weights(result.run_dir, Path(args.save))
+    if export_onnx is not None:
+        export_onnx(result.run_dir, Path(args.onnx_export))
+        print(f"exported the best model to {args.onnx_export} (ONNX)")
     return 0
+
+
+def _copy_best_weights(run_dir: Path, dest: Path) -> None:
+    import shutil
+
+    from neurallm.fileio import atomic_write
+    from neurallm.training.checkpoint import BEST_FILE
+
+    atomic_write(dest, lambda tmp: shutil.copyfile(run_dir / BEST_FILE, tmp))
+    print(f"wrote the best weights to {dest} (safetensors, as {run_dir / BEST_FILE})")
+
+
+def _onnx_exporter() -> Callable[[Path, Path], object]:
+    """``neurallm.export.export_onnx(run_dir, out_file)``, the function behind ``neurallm export RUN --onnx FILE``.
+
+    ``train --onnx-export FILE`` calls it after training, as the PyTorch example exports after training.
+    """
+    try:
+        from neurallm.export import export_onnx
+    except ModuleNotFoundError as exc:
+        if exc.name != "neurallm.export":
+            raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
+        raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
+        raise ConfigError("--onnx-export needs the package onnx: pip install 'neurallm[onnx]' (or train without --onnx-export)")
+    return export_onnx
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    _add_data_flags(p, data_default="the run's own corpus")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--split", choices=["train", "valid", "test"], default="test", help=_with_default("split to score", "test"))
+    g.add_argument("--batch-size", type=int, default=10,
+                   help=_with_default("columns evaluated in parallel (does not change the exact result)", 10))
+    _add_context_flag(g, CONTEXT_AUTO)
+    g.add_argument("--naive", action="store_true", help="the PyTorch example's method (its result depends on --batch-size)")
+    g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",
+                   help="print a table of naive vs exact perplexity per batch size (default: none)")
+    _add_checkpoint_flag(g)
+    _add_device_flag(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
 
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    source = _given(args, _DATA_KEYS)
+    source = given_settings(args, SourceSettings)
     if args.compare_batch_sizes:
         rows = run.compare_batch_sizes(args.compare_batch_sizes, args.data, split=args.split, context=args.context, **source)
         if args.json:
@@ -202,8 +243,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" else ""
         print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
-              f"{result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
+              f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
     return 0
+
+
+def add_generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: none)")
+    p.add_argument("--tokens", "--words", type=int, default=DEFAULT_TOKENS,
+                   help=_with_default("tokens to generate, at most 1,000,000, printed as they are made "
+                                      "(--words: the PyTorch example's name)", DEFAULT_TOKENS))
+    p.add_argument("--temperature", type=float, default=1.0, help=_with_default("0 = greedy", 1.0))
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability P (default: 1)")
+    p.add_argument("--seed", type=int, default=1111, help=_with_default("random seed; the same seed gives the same text", 1111))
+    _add_context_flag(p, "bptt + memory; RNNs carry their whole history in their state")
+    p.add_argument("--out", "--outf", help="write the text to this file (--outf: the PyTorch example's name) "
+                                           "(default: standard output)")
+    _add_checkpoint_flag(p)
+    _add_device_flag(p)
 
 
 def _check_generate_out(out: Path, run: Path) -> None:
@@ -223,13 +281,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     settings = dict(tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, context=args.context)
-    made = [0]  # tokens written so far (the prompt's piece comes first)
+    pieces = [0]  # pieces written so far: the prompt's, then one per token
 
     def stream(write: Callable[[str], object], flush: Callable[[], None]) -> Callable[[str], None]:
         def on_text(piece: str) -> None:
             write(piece)
             flush()
-            made[0] += 1
+            pieces[0] += 1
         return on_text
 
     # The text is written as it is made, so Ctrl-C keeps what was generated (a file still appears whole: the
@@ -248,7 +306,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
             print(flush=True)
-    tokens = max(0, made[0] - 1)
+    tokens = max(0, pieces[0] - 1)
     if interrupted:
         where = f" to {args.out}" if args.out else ""
         print(f"neurallm generate: interrupted; wrote the {tokens:,} tokens made so far{where}", file=sys.stderr)
@@ -261,16 +319,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_explain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="a short text to use as the token stream (default: none)")
+    p.add_argument("--range", dest="numbers", metavar="FIRST..LAST", help="numbers as the token stream, e.g. 1..40 (default: none)")
+    p.add_argument("--batch-size", type=int, default=4, help=_with_default("columns of the batchified matrix", 4))
+    p.add_argument("--bptt", type=int, default=2, help=_with_default("tokens per BPTT window", 2))
+    p.add_argument("--eval", action="store_true", help="the evaluation view: naive layouts against exact, per batch size")
+    p.add_argument("--compare-batch-sizes", "--eval-batch-sizes", type=_int_list, default=[8, 6], metavar="B1,B2,...",
+                   help=_with_default("batch sizes of the --eval view", "8,6"))
+    _add_context_flag(p, "4 (the burn-in of the exact layout in the --eval view)", default=4)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from neurallm.explain import explain_evaluation, explain_training, parse_explain_text, should_use_color
 
     tokens = parse_explain_text(args.text, args.numbers)
     color = should_use_color(sys.stdout)
     if args.eval:
-        print(explain_evaluation(tokens, tuple(args.eval_batch_sizes), context=args.context, color=color))
+        print(explain_evaluation(tokens, tuple(args.compare_batch_sizes), context=args.context, color=color))
     else:
         print(explain_training(tokens, args.batch_size, args.bptt, color=color))
     return 0
+
+
+def add_datasets_flags(p: argparse.ArgumentParser) -> None:
+    pass  # no flags: it lists what is known
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -283,17 +356,114 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "explain": cmd_explain, "datasets": cmd_datasets}
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.config import ServeConfig
+
+    p.add_argument("run", help="run directory")
+    add_setting_flags(p, "server", ServeConfig)
+    _add_checkpoint_flag(p)
+    _add_device_flag(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from neurallm.config import ServeConfig
+    from neurallm.server import serve
+
+    serve(args.run, ServeConfig(**given_settings(args, ServeConfig)), checkpoint=args.checkpoint, device=args.device)
+    return 0
+
+
+def add_plot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from neurallm.plots import plot_runs
+
+    print(f"wrote {plot_runs([Path(run) for run in args.runs], Path(args.out))}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``neurallm`` subcommand: its one-line help, a function adding its flags, and the function running it."""
+
+    help: str
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "prepare": Subcommand("tokenize a corpus and write its id streams and vocabulary", add_prepare_flags, cmd_prepare),
+    "train": Subcommand("train a model into a run directory", add_train_flags, cmd_train),
+    "eval": Subcommand("evaluate a run: loss, perplexity, tokens scored (bpc at char level)", add_eval_flags, cmd_eval),
+    "generate": Subcommand("sample text from a run", add_generate_flags, cmd_generate),
+    "explain": Subcommand("show how a text is batchified and cut into BPTT windows", add_explain_flags, cmd_explain),
+    "datasets": Subcommand("list the registered datasets and where each is found", add_datasets_flags, cmd_datasets),
+    "serve": Subcommand("serve a run: a web page and an HTTP API (generate, stream, score)", add_serve_flags, cmd_serve),
+    "plot": Subcommand("draw the training curves of one or more runs into one PNG", add_plot_flags, cmd_plot),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neurallm", description="Train, evaluate and sample neural language models.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"neurallm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        command_parser = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+        command.add_flags(command_parser)
+        # `neurallm train --debug …` works as well as `neurallm --debug train …`; SUPPRESS leaves the top-level
+        # value alone when the flag is not repeated after the subcommand.
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    return parser
+
+
+class _PlainLines(logging.StreamHandler):
+    """Each log record as its bare message on ``sys.stdout`` or ``sys.stderr``, flushed at once even when that is a
+    file or a pipe. The stream is looked up at each record, so pytest's capture and later redirections are honoured."""
+
+    def __init__(self, stream_name: str) -> None:
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stdout / sys.stderr
+
+
+def configure_logging() -> None:
+    """The library logs through ``logging.getLogger("neurallm....")``; the command prints the training log (INFO)
+    on standard output, as the PyTorch example does, and warnings on standard error (so ``eval --json`` prints its
+    one object alone)."""
+    logger = logging.getLogger("neurallm")
+    if not any(isinstance(h, _PlainLines) for h in logger.handlers):
+        out, err = _PlainLines("stdout"), _PlainLines("stderr")
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        logger.addHandler(out)
+        logger.addHandler(err)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines are printed once, here, not again by a root handler
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()
+    configure_logging()
     try:
-        return COMMANDS[args.command](args)
+        if args.command in ("train", "eval", "generate"):  # only commands that run a model load torch
+            from neurallm.runtime import keep_freed_memory
+
+            keep_freed_memory()  # a process-wide setting: the command owns its process, the library does not
+        return SUBCOMMANDS[args.command].run(args)
     except NeurallmError as exc:
         if args.debug:
             raise

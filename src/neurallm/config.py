@@ -2,17 +2,42 @@
 
 A run directory's ``config.json`` holds these (plus the data settings), so a run can be rebuilt, resumed
 and evaluated without the command line that made it.
+
+One source of truth
+-------------------
+Every setting is one dataclass field declared with :func:`neurallm.settings.setting`: its default, its help
+text, and how users spell it. The CLI flags (``neurallm train/prepare/eval``), the keyword arguments of
+``neurallm.train()`` / ``neurallm.prepare()``, the README's flag tables and ``--resume``'s checks are all
+generated from these fields. To add a setting:
+
+1. add a field here (model or training) or to the data settings (``data/sources.py``, ``data/tokenizers.py``,
+   ``data/stream.py``)::
+
+       weight_drop: float = setting(0.0, help="DropConnect on the hidden-to-hidden weights", flag="--wdrop")
+
+   ``help`` is required; ``flag`` only when the flag is not ``--`` + the name with dashes; ``choices``,
+   ``aliases`` (other spellings, e.g. the PyTorch example's ``--batch_size``), ``parse`` (text → value when
+   the type cannot do it), ``default_text`` (when the default needs words), ``resumable=True`` if
+   ``--resume`` may change it (like ``epochs``);
+2. check its range in the class's ``__post_init__`` with a message naming the flag and the fix;
+3. use it where it acts, and regenerate the README's flag tables: ``python scripts/flags_table.py --write``
+   (``tests/test_cli.py`` fails while they differ from the parser).
+
+Nothing else: no flag list, keyword list or resume list to keep in step. Runs saved before a setting existed
+still load (a missing key takes the default). This module and :mod:`neurallm.settings` never import torch,
+so ``neurallm --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from neurallm.data.sources import SourceSettings
-from neurallm.data.stream import VocabSettings
+from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError
+from neurallm.settings import setting, settings_of
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "Transformer")
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,31 +55,27 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# `--context` means the same in every subcommand that scores or generates text (train's validation, eval,
+# generate, explain): how many tokens of history each scored or generated token gets. Documented here once.
+CONTEXT_HELP = "tokens of history each scored or generated token gets"
+CONTEXT_AUTO = ("auto: 512 for RNNs; a Transformer with memory max(512, nlayers*(memory+bptt)); "
+                "a Transformer without memory bptt/2")
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a language model.
+    """Architecture of a language model (each field's ``help`` documents it; the flag is ``--`` + its name)."""
 
-    Attributes:
-        model: one of ``RNN_TANH RNN_RELU LSTM GRU Transformer``.
-        vocab_size: number of tokens (set from the vocabulary).
-        emsize: embedding size (the Transformer's model width).
-        nhid: hidden units per RNN layer; the Transformer's feed-forward width.
-        nlayers: number of layers.
-        dropout: dropout probability on embeddings, between layers and before the output layer.
-        tied: share the input embedding and output weights (RNNs need ``emsize == nhid``).
-        nhead: attention heads (Transformer); must divide ``emsize``.
-        memory: Transformer-XL memory: positions of the previous window kept per layer and attended to (0: none).
-    """
-
-    model: str = "LSTM"
-    vocab_size: int = 0
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 2
-    dropout: float = 0.2
-    tied: bool = False
-    nhead: int = 2
-    memory: int = 0
+    # No argparse `choices`: __post_init__ names the types in one line, the same for CLI and API callers.
+    model: str = setting("LSTM", help="network type: " + ", ".join(MODEL_TYPES))
+    vocab_size: int = setting(0, help="number of tokens (set from the vocabulary)", derived=True)
+    emsize: int = setting(200, help="embedding size (the Transformer's model width)")
+    nhid: int = setting(200, help="hidden units per RNN layer; the Transformer's feed-forward width")
+    nlayers: int = setting(2, help="number of layers")
+    dropout: float = setting(0.2, help="dropout on embeddings, between layers and before the output layer")
+    tied: bool = setting(False, help="share the input embedding and output weights (RNNs need --emsize equal to --nhid)")
+    nhead: int = setting(2, help="Transformer attention heads; must divide --emsize")
+    memory: int = setting(0, help="Transformer-XL memory: positions of the previous window kept per layer and attended to (0: none)")
 
     def __post_init__(self) -> None:
         _require(self.model in MODEL_TYPES, f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model!r}")
@@ -83,41 +104,28 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """How a model is trained (names and defaults of the PyTorch example where it has them).
+    """How a model is trained (names and defaults of the PyTorch example where it has them)."""
 
-    Attributes:
-        lr: initial learning rate.
-        clip: gradient norm clipping threshold (0 disables).
-        epochs: upper limit of epochs.
-        batch_size: columns (parallel streams) in a training batch.
-        bptt: tokens per window of truncated back-propagation through time.
-        seed: random seed.
-        optimizer: ``sgd`` (lr ÷4 when validation stalls, as the PyTorch example) or ``adamw`` (warm-up + cosine).
-        weight_decay: AdamW weight decay.
-        warmup: AdamW warm-up steps.
-        max_time: stop after this many seconds of training (None: no limit); the best model is kept.
-        device: ``auto cpu cuda mps``.
-        shuffle_windows: fixed windows in random order, state reset per window (the news tutorial).
-        eval_batch_size: columns used for validation (does not change the result; see evaluation).
-        eval_context: tokens of history every scored validation token gets (None: the evaluation default).
-        log_interval: batches between progress-bar refreshes of the loss shown.
-    """
-
-    lr: float = 20.0
-    clip: float = 0.25
-    epochs: int = 40
-    batch_size: int = 20
-    bptt: int = 35
-    seed: int = 1111
-    optimizer: str = "sgd"
-    weight_decay: float = 0.01
-    warmup: int = 100
-    max_time: float | None = None
-    device: str = "auto"
-    shuffle_windows: bool = False
-    eval_batch_size: int = 10
-    eval_context: int | None = None
-    log_interval: int = 50
+    lr: float = setting(20.0, help="initial learning rate (use ~1e-3 with adamw)")
+    clip: float = setting(0.25, help="gradient norm clipping threshold (0: off)")
+    epochs: int = setting(40, help="upper limit of epochs", resumable=True)
+    batch_size: int = setting(20, help="columns (parallel streams) in a training batch", aliases=("--batch_size",))
+    bptt: int = setting(35, help="tokens per window of truncated back-propagation through time")
+    seed: int = setting(1111, help="random seed")
+    optimizer: str = setting("sgd", help="sgd: lr/4 when validation stalls (the PyTorch example); adamw: warm-up + cosine",
+                             choices=OPTIMIZERS)
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    warmup: int = setting(100, help="AdamW warm-up steps")
+    max_time: float | None = setting(None, help="stop after this many seconds of training, counted across resumes; the best model is kept",
+                                     resumable=True)
+    device: str = setting("auto", help="where to train", choices=DEVICES)
+    shuffle_windows: bool = setting(False, help="fixed windows in random order, state reset per window (the news tutorial)")
+    eval_batch_size: int = setting(10, help="columns used for validation (does not change the result)")
+    eval_context: int | None = setting(None, help=CONTEXT_HELP + " (in validation)", flag="--context",
+                                       default_text=CONTEXT_AUTO)
+    dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "
+                                         "(the PyTorch example's --dry-run)")
+    log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
 
     def __post_init__(self) -> None:
         _require(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
@@ -137,6 +145,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The settings dataclasses of preparing a corpus, and of a training run (in config.json order).
+DATA_SETTINGS = (SourceSettings, TokenizerSettings, VocabSettings)
+TRAIN_SETTINGS = DATA_SETTINGS + (ModelConfig, TrainConfig)
 
 
 def from_dict(cls, data: dict, source: str):
@@ -174,6 +187,43 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
 
+    def sections(self) -> tuple:
+        """The five settings dataclasses, in ``config.json`` order."""
+        return (self.source, self.tokenizer, self.vocab, self.model, self.train)
+
+    def resumed_with(self, given: dict) -> "RunConfig":
+        """This configuration with the settings ``given`` to ``--resume`` applied.
+
+        Settings declared ``resumable`` (``--epochs``, ``--max-time``) take the new value; any other must equal
+        the saved one, since a resumed run continues with its own settings.
+
+        Raises:
+            ConfigError: a setting that differs from the run's and may not change (naming its flag), or an
+                unknown name.
+        """
+        sections = self.sections()
+        resumable = [s.flag for section in sections for s in settings_of(type(section)) if s.resumable]
+        changes: list[dict] = [{} for _ in sections]
+        left = dict(given)
+        for changed, section in zip(changes, sections):
+            for s in settings_of(type(section)):
+                if s.name not in left:
+                    continue
+                value, saved = left.pop(s.name), getattr(section, s.name)
+                if s.resumable:
+                    changed[s.name] = value
+                    continue
+                if isinstance(saved, tuple):
+                    value = tuple(value)
+                if value != saved:
+                    raise ConfigError(
+                        f"{s.flag} {value} differs from the run's {saved}; --resume continues a run with its own "
+                        f"settings (only {' and '.join(resumable)} may change): drop the flag or start a new --out"
+                    )
+        if left:
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(left))}")
+        return RunConfig(*(replace(section, **changed) for section, changed in zip(sections, changes)))
+
     def to_dict(self) -> dict:
         return {
             "source": self.source.to_dict(),
@@ -197,3 +247,22 @@ class RunConfig:
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{source}: not a complete neurallm run configuration (missing {exc})") from None
+
+
+@dataclass
+class ServeConfig:
+    """How ``neurallm serve`` listens and what it accepts (every request is checked against these limits)."""
+
+    host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 keeps the server private to this machine")
+    port: int = setting(8000, help="TCP port")
+    max_tokens: int = setting(1000, help="largest `tokens` a generation request may ask for")
+    max_prompt_chars: int = setting(4000, help="longest prompt (and scored text) accepted, in characters")
+    max_queue: int = setting(64, help="requests running or waiting for the model; the next one gets 503 with Retry-After")
+    timeout: float = setting(60.0, help="seconds a request may wait and run before it gets 504")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"--port must be 1..65535 (0: any free port), got {self.port}")
+        _require(self.max_tokens >= 1, f"--max-tokens must be at least 1, got {self.max_tokens}")
+        _require(self.max_prompt_chars >= 1, f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
+        _require(self.max_queue >= 1, f"--max-queue must be at least 1, got {self.max_queue}")
+        _require(self.timeout > 0, f"--timeout must be positive seconds, got {self.timeout}")

@@ -27,3 +27,7 @@ class TrainingError(NeurallmError):
 
 class FolderInUseError(NeurallmError):
     """A run or prepared folder that another process is writing (it holds the folder's lock)."""
+
+
+class DiskFullError(NeurallmError):
+    """A write that ran out of disk space; the previous version of the file or folder is left as it was."""

@@ -8,6 +8,8 @@ with no history and the fewer are scored at all. Its perplexity therefore change
 :func:`evaluate` scores every token after the first exactly once, and gives each at least ``context`` tokens of
 real history, whatever the batch size:
 
+How a model is run comes from its :meth:`~neurallm.models.contract.LanguageModel.eval_layout`:
+
 * models that carry a state (RNNs, the Transformer with ``--memory``) cut the targets into ``batch_size``
   contiguous columns; each column first runs over the ``context`` tokens before its first target (a burn-in
   that builds up the state and is not scored), then scores its own tokens, window after window, carrying the
@@ -18,26 +20,25 @@ real history, whatever the batch size:
   training ``bptt``).
 
 Losses are in nats per token; perplexity is ``exp(loss)``; bits per character is ``loss / ln 2`` per character.
+The ids are read from the (memory-mapped) split one window at a time: no int64 copy of the split is made.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from neurallm.data.batching import EvalColumn, batchify, get_batch, plan_eval_columns, plan_sliding_windows, window_starts
+from neurallm.data.batching import EvalColumn, batchify, get_batch, plan_eval_columns, sliding_window, sliding_window_targets, to_ids_tensor, window_starts
 from neurallm.errors import ConfigError
+from neurallm.models.contract import LanguageModel
 
-# History every scored token gets from a stateful model. An LSTM's state forgets within a few hundred
-# tokens, so 512 makes batch sizes 1..80 agree to well under 0.05% (measured in tests/test_evaluation.py).
-DEFAULT_STATEFUL_CONTEXT = 512
-# RNN results do not depend on the window length, so evaluate them in long windows: fewer Python steps.
-RNN_EVAL_WINDOW = 256
 HEAD_CHUNK = 4096  # positions per output-layer call
 
 
@@ -52,6 +53,8 @@ class EvalResult:
         method: ``exact`` or ``naive``.
         batch_size: columns evaluated in parallel.
         context: history (tokens) guaranteed to each scored token (exact method), None for naive.
+        unk_share: fraction of the split's tokens that were not in the vocabulary and became ``<unk>``
+            (None when the caller did not know it, e.g. ids passed directly).
     """
 
     loss: float
@@ -60,6 +63,7 @@ class EvalResult:
     method: str
     batch_size: int
     context: int | None
+    unk_share: float | None = None
 
     @property
     def ppl(self) -> float:
@@ -81,6 +85,8 @@ class EvalResult:
         }
         if level == "char":
             out["bpc"] = self.bpc
+        if self.unk_share is not None:
+            out["unk_share"] = self.unk_share
         return out
 
 
@@ -88,22 +94,25 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def default_context(model: nn.Module, bptt: int) -> int:
-    """History per scored token when ``--context`` is not given.
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off (and no gradients) while evaluating; the caller's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
-    A Transformer with memory sees at most ``memory + bptt`` positions back per layer, so
-    ``nlayers · (memory + bptt)`` tokens of burn-in reproduce exactly what batch size 1 computes.
-    """
-    if not model.carries_state:
-        return bptt // 2
-    if model.window_independent:
-        return DEFAULT_STATEFUL_CONTEXT
-    return max(DEFAULT_STATEFUL_CONTEXT, model.config.nlayers * (model.config.memory + bptt))
+
+def default_context(model: LanguageModel, bptt: int) -> int:
+    """History per scored token when ``--context`` is not given (the model's :class:`EvalLayout` says)."""
+    return model.eval_layout(bptt).default_context
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: LanguageModel,
     ids: np.ndarray,
     *,
     batch_size: int = 10,
@@ -112,90 +121,94 @@ def evaluate(
 ) -> EvalResult:
     """Exact evaluation of ``model`` on the id stream ``ids`` (see the module docstring).
 
+    The model is evaluated in eval mode (dropout off) and left in the mode it was in.
+
     Args:
         model: a neurallm language model.
-        ids: 1-D token ids.
+        ids: 1-D token ids (a memory-mapped split is read window by window).
         batch_size: columns evaluated in parallel; does not change the result beyond float rounding.
         bptt: the window length the model was trained with.
-        context: tokens of history each scored token gets (default: 512 for stateful models, bptt/2 otherwise).
+        context: tokens of history each scored token gets (default: the model's ``eval_layout``).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    context = default_context(model, bptt) if context is None else context
+    layout = model.eval_layout(bptt)
+    context = layout.default_context if context is None else context
     if context < 0:
         raise ConfigError(f"--context must be 0 or more, got {context}")
     started = time.perf_counter()
-    if model.carries_state:
-        if model.window_independent:
-            window = max(bptt, RNN_EVAL_WINDOW)
-            columns = plan_eval_columns(len(ids), batch_size, context)
+    with _eval_mode(model):
+        if layout.carries_state:
+            columns = plan_eval_columns(len(ids), batch_size, context, align=layout.align or 1)
+            total, count = _run_columns(model, ids, columns, layout.window)
         else:
-            window = bptt
-            columns = plan_eval_columns(len(ids), batch_size, context, align=bptt)
-        total, count = _run_columns(model, ids, columns, window)
-    else:
-        stride = max(1, bptt - context)
-        columns = plan_sliding_windows(len(ids), stride, context)
-        total, count = 0.0, 0
-        for first in range(0, len(columns), batch_size):
-            group = columns[first : first + batch_size]
-            part_total, part_count = _run_columns(model, ids, group, window=max(c.length for c in group))
-            total, count = total + part_total, count + part_count
+            stride = max(1, layout.window - context)
+            targets = sliding_window_targets(len(ids), stride)
+            total, count = 0.0, 0
+            for first in range(0, len(targets), batch_size):
+                group = [sliding_window(t, len(ids), stride, context) for t in targets[first : first + batch_size]]
+                part_total, part_count = _run_columns(model, ids, group, window=max(c.length for c in group))
+                total, count = total + part_total, count + part_count
     return EvalResult(total / count, count, time.perf_counter() - started, "exact", batch_size, context)
 
 
-def _run_columns(model: nn.Module, ids: np.ndarray, columns: list[EvalColumn], window: int) -> tuple[float, int]:
-    """Run the columns side by side in windows, carrying the state; sum the NLL of the scored targets."""
+def _run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn], window: int) -> tuple[float, int]:
+    """Run the columns side by side in windows, carrying the state; sum the NLL of the scored targets.
+
+    Positions, masks and ids are built one window at a time, so memory does not grow with the split.
+    """
     device = _device_of(model)
     starts = np.array([c.start for c in columns])
     lengths = np.array([c.length for c in columns])
     score_from = np.array([c.score_start for c in columns])
     rows = int(lengths.max())
-    position = starts[None, :] + np.arange(rows)[:, None]  # (rows, B): index of each input token
-    valid = np.arange(rows)[:, None] < lengths[None, :]  # right padding beyond a column's end
-    scored = valid & (position + 1 >= score_from[None, :])
-    safe = np.minimum(position, len(ids) - 2)
-    inputs = torch.from_numpy(np.asarray(ids[safe], dtype=np.int64)).to(device)
-    targets = torch.from_numpy(np.asarray(ids[safe + 1], dtype=np.int64)).to(device)
-    mask = torch.from_numpy(scored).to(device)
-
     state = model.init_state(len(columns), device)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for row in range(0, rows, window):
-        features, state = model(inputs[row : row + window], state)
-        scored_here = mask[row : row + window]
-        if scored_here.any():
-            # the output layer only where a target is scored: burn-in and padding need no softmax
-            scored_features = features[scored_here]
-            scored_targets = targets[row : row + window][scored_here]
-            # in slices: the logits of a whole window of many columns can take gigabytes
-            for first in range(0, scored_targets.numel(), HEAD_CHUNK):
-                nll = model.head.loss(scored_features[first : first + HEAD_CHUNK], scored_targets[first : first + HEAD_CHUNK], reduction="sum")
-                total += nll.double()
-    return float(total), int(scored.sum())
+        steps = np.arange(row, min(row + window, rows))[:, None]  # (w, 1)
+        position = starts[None, :] + steps  # (w, B): index of each input token
+        scored = (steps < lengths[None, :]) & (position + 1 >= score_from[None, :])  # not padding, not burn-in
+        # inputs are rows 0..w-1 and targets rows 1..w of one gather; right padding reads a clamped, unscored id
+        wanted = np.minimum(np.vstack((position, position[-1:] + 1)), len(ids) - 1)
+        window_ids = to_ids_tensor(np.asarray(ids)[wanted], device)  # (w + 1, B)
+        features, state = model.features(window_ids[:-1], state)
+        flat = np.flatnonzero(scored)
+        if flat.size == 0:
+            continue
+        count += flat.size
+        # the output layer only where a target is scored (burn-in and padding need no softmax), and in slices:
+        # the logits of a whole window of many columns can take gigabytes
+        index = torch.from_numpy(flat).to(device)
+        scored_features = features.reshape(-1, features.size(-1)).index_select(0, index)
+        scored_targets = window_ids[1:].reshape(-1).index_select(0, index)
+        for first in range(0, flat.size, HEAD_CHUNK):
+            chunk = slice(first, first + HEAD_CHUNK)
+            total += model.head.loss(scored_features[chunk], scored_targets[chunk], reduction="sum").double()
+    return float(total), count
 
 
-@torch.no_grad()
-def evaluate_naive(model: nn.Module, ids: np.ndarray, *, batch_size: int = 10, bptt: int = 35) -> EvalResult:
+def evaluate_naive(model: LanguageModel, ids: np.ndarray, *, batch_size: int = 10, bptt: int = 35) -> EvalResult:
     """The PyTorch example's evaluation: batchify (tail dropped), every column starts cold, state carried.
 
     Kept to show that its result depends on ``batch_size``; use :func:`evaluate` for numbers to report.
     """
     started = time.perf_counter()
     device = _device_of(model)
-    stream = batchify(np.asarray(ids), batch_size).to(device)
-    state = model.init_state(batch_size, device)
-    total = 0.0
-    for row in window_starts(stream.size(0), bptt):
-        inputs, targets = get_batch(stream, row, bptt)
-        features, state = model(inputs, state)
-        total += float(model.head.loss(features, targets, reduction="sum"))
-    tokens = (stream.size(0) - 1) * batch_size
-    return EvalResult(total / tokens, tokens, time.perf_counter() - started, "naive", batch_size, None)
+    stream = batchify(np.asarray(ids), batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with _eval_mode(model):
+        state = model.init_state(batch_size, device)
+        for row in window_starts(len(stream), bptt):
+            inputs, targets = get_batch(stream, row, bptt, device)
+            features, state = model.features(inputs, state)
+            total += model.head.loss(features, targets, reduction="sum").double()
+    tokens = (len(stream) - 1) * batch_size
+    return EvalResult(float(total) / tokens, tokens, time.perf_counter() - started, "naive", batch_size, None)
 
 
 def compare_batch_sizes(
-    model: nn.Module, ids: np.ndarray, batch_sizes: list[int], *, bptt: int, context: int | None = None
+    model: LanguageModel, ids: np.ndarray, batch_sizes: list[int], *, bptt: int, context: int | None = None
 ) -> list[dict]:
     """The origin document's experiment: naive vs exact perplexity for several evaluation batch sizes."""
     rows = []

@@ -1,31 +1,26 @@
 """Sampling text from a trained model, one token at a time, carrying the state.
 
 The prompt is run through the model once; then each new token is drawn from the model's probabilities
-(softmax of the logits divided by the temperature, optionally cut to the top k tokens or the smallest set
-whose probability reaches top p) and fed back with the state the previous step left. RNNs carry their
-hidden state; the Transformer keeps its keys and values in the same memory it uses across training windows,
-here as a cache bounded by ``context`` tokens, so a new token costs O(context) rather than a re-run of the
-whole prefix.
-
-Text is handed out as it is made (``on_text``), so the CLI streams it and Ctrl-C keeps what was made. One call
-makes at most ``MAX_TOKENS`` tokens: the result keeps every token in memory.
+(its log-probabilities divided by the temperature, optionally cut to the top k tokens or the smallest set
+whose probability reaches top p) and fed back with the cache the previous step left. What the cache holds is
+the model's business (:meth:`~neurallm.models.contract.LanguageModel.start_generation`): an RNN's hidden
+state, or the Transformer's keys and values of the last ``context`` positions in fixed-size buffers, so a new
+token costs one token's projections and one attention row, not a re-run of the prefix. The last token drawn is
+not fed back: nothing would read its features.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, tokenize_line
+from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, detokenize, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
-
-MAX_TOKENS = 1_000_000
-MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+from neurallm.models.contract import LanguageModel
 
 
 @dataclass
@@ -45,7 +40,12 @@ class GenerationResult:
     prompt_unknown: list[str]
 
 
-def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int, context: int) -> None:
+# One call makes at most this many tokens: the result keeps every token in memory (the CLI streams them).
+MAX_TOKENS = 1_000_000
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int) -> None:
     if tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
     if tokens > MAX_TOKENS:
@@ -54,8 +54,6 @@ def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | No
         raise ConfigError(f"--temperature must be 0 (greedy) or a positive finite number, got {temperature}")
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and 2**64-1, got {seed}")
-    if context < 1:
-        raise ConfigError(f"--context must be at least 1 token, got {context}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -65,11 +63,12 @@ def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | No
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> int:
-    """Draw one token id from ``logits`` ``(V,)``."""
+    """Draw one token id from ``logits`` ``(V,)`` (unnormalised, or log-probabilities: the same distribution)."""
     if temperature == 0:
         return int(logits.argmax())
-    # shift so the largest logit is 0 before dividing: a tiny temperature then gives 0 and -inf (greedy), not inf - inf
-    logits = logits.float()
+    # shift so the largest logit is 0 before dividing: a tiny temperature then gives 0 and -inf (greedy), not inf - inf;
+    # in float64, where a temperature down to 5e-324 is not 0 (in float32 1e-300 is, and 0 / 0 would be NaN)
+    logits = logits.double()
     logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         cutoff = torch.topk(logits, top_k).values[-1]
@@ -84,9 +83,8 @@ def sample_next(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-@torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: LanguageModel,
     vocab: Vocab,
     tokenizer: TokenizerSettings,
     *,
@@ -111,40 +109,84 @@ def generate(
         top_k: sample among the k most likely tokens only.
         top_p: sample among the most likely tokens whose probabilities add up to p.
         seed: the same seed gives the same text.
-        context: Transformer cache length in tokens (RNNs carry their whole history in their state).
-        on_text: called with each piece of the text as it is made (the prompt, then one piece per token);
+        context: positions a Transformer token attends to, itself included (RNNs carry their whole history in
+            their state).
+        on_text: called with the text as it is made: the prompt with the first token, then one piece per token;
             the pieces add up to the result's ``text``.
     """
-    _check(tokens, temperature, top_k, top_p, seed, context)
-    model.eval()
-    device = next(model.parameters()).device
-    prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
-    if prompt_tokens and not prompt.endswith("\n"):
-        prompt_tokens = prompt_tokens[:-1]  # the prompt's last line is not finished: no end-of-line token
-    unknown = [t for t in prompt_tokens if t not in vocab.index]
-    start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
-    ids, _ = vocab.encode(start)
-
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
     prompt_text = prompt if prompt_tokens else ""
     # the first word is joined to the prompt by a space unless the prompt ends a line or a word already
     detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")))
-    pieces = [prompt_text]
     emit = on_text or (lambda piece: None)
-    emit(prompt_text)
+    generated_tokens: list[str] = []
+    for token in iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, context=context):
+        if not generated_tokens:
+            emit(prompt_text)  # only once the settings passed their checks (at the first token)
+        generated_tokens.append(token)
+        emit(detokenizer.piece(token))
+    unknown = [t for t in prompt_tokens if t not in vocab.index]
+    return GenerationResult(continue_text(prompt, generated_tokens, tokenizer), generated_tokens, prompt_tokens, unknown)
+
+
+def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings) -> list[str]:
+    """The prompt's tokens; an unfinished last line gets no end-of-line token."""
+    prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
+    if prompt_tokens and not prompt.endswith("\n"):
+        prompt_tokens = prompt_tokens[:-1]
+    return prompt_tokens
+
+
+def continue_text(prompt: str, generated_tokens: list[str], tokenizer: TokenizerSettings) -> str:
+    """The prompt followed by the generated tokens as text (what :func:`generate` returns as ``text``)."""
+    prompt_text = prompt if prompt_to_tokens(prompt, tokenizer) else ""
+    level = tokenizer.level
+    return prompt_text + _joiner(prompt_text, generated_tokens, level) + detokenize(generated_tokens, level)
+
+
+@torch.no_grad()
+def iter_generate(
+    model: LanguageModel,
+    vocab: Vocab,
+    tokenizer: TokenizerSettings,
+    *,
+    prompt: str = "",
+    tokens: int = 1000,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 1111,
+    context: int = 512,
+) -> Iterator[str]:
+    """Yield the tokens :func:`generate` samples, each as soon as it is drawn (for streaming).
+
+    Arguments as :func:`generate`. The caller may stop iterating at any time; no forward pass runs after the
+    last token is drawn.
+    """
+    _check(tokens, temperature, top_k, top_p, seed)
+    if context < 1:
+        raise ConfigError(f"--context must be at least 1, got {context}")
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
+    start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
+    ids, _ = vocab.encode(start)
+
     generator = torch.Generator().manual_seed(seed)
-    state = model.init_state(1, device)
-    forward_kwargs = {} if model.window_independent else {"keep": context}
-    # feed the prompt in slices of `context` so a long prompt never builds an unbounded attention window
-    step = max(1, context)
-    for first in range(0, len(ids), step):
-        chunk = torch.tensor(ids[first : first + step], device=device).view(-1, 1)
-        features, state = model(chunk, state, **forward_kwargs)
-    generated: list[int] = []
-    for _ in range(tokens):
-        logits = model.head.logits(features[-1, 0])
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)
-        generated.append(next_id)
-        pieces.append(detokenizer.piece(vocab.tokens[next_id]))
-        emit(pieces[-1])
-        features, state = model(torch.tensor([[next_id]], device=device), state, **forward_kwargs)
-    return GenerationResult("".join(pieces), vocab.decode(generated), prompt_tokens, unknown)
+    cache = model.start_generation(1, context, device)
+    # feed the prompt in slices of `context`: a generation step takes at most the cache's capacity
+    for first in range(0, len(ids), context):
+        chunk = torch.tensor(ids[first : first + context], device=device).view(-1, 1)
+        features, cache = model.generation_step(chunk, cache)
+    for produced in range(1, tokens + 1):
+        next_id = sample_next(model.head.log_probs(features[-1, 0]), temperature, top_k, top_p, generator)
+        yield vocab.tokens[next_id]
+        if produced < tokens:  # the last token is not fed back: nothing would read its features
+            features, cache = model.generation_step(torch.tensor([[next_id]], device=device), cache)
+
+
+def _joiner(prompt_text: str, generated: list[str], level: str) -> str:
+    if level == "char" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
+        return ""
+    return " "

@@ -12,7 +12,7 @@ from neurallm.config import ModelConfig
 from neurallm.data.batching import ContiguousBatches, ShuffledWindows, batchify, get_batch, window_starts
 from neurallm.errors import ConfigError
 from neurallm.models.rnn import RNNLanguageModel
-from neurallm.training.loop import detach_state
+from neurallm.training.step import detach_state
 
 ALPHABET = string.ascii_lowercase
 LETTER_IDS = torch.arange(26)
@@ -58,10 +58,60 @@ def test_the_last_window_is_short_when_the_rows_run_out():
     assert letters(targets) == [list("flrx")]
 
 
-def test_batchify_accepts_a_numpy_stream_of_unsigned_ids():
-    stream = batchify(np.arange(26, dtype=np.uint8), 4)
-    assert stream.dtype == torch.int64
-    assert letters(stream) == columns("abcdef", "ghijkl", "mnopqr", "stuvwx")
+def test_batchify_of_a_memory_mapped_split_is_a_view_and_only_windows_become_int64(tmp_path):
+    path = tmp_path / "train.npy"
+    np.save(path, np.arange(26, dtype=np.uint16))
+    ids = np.load(path, mmap_mode="r")
+    stream = batchify(ids, 4)
+    assert stream.dtype == np.uint16 and np.shares_memory(stream, ids)  # no copy of the split, no int64
+    assert letters(torch.from_numpy(stream.astype(np.int64))) == columns("abcdef", "ghijkl", "mnopqr", "stuvwx")
+    inputs, targets = get_batch(stream, 2, bptt=2)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert letters(inputs) == [list("ciou"), list("djpv")]
+    assert letters(targets) == [list("djpv"), list("ekqw")]
+
+
+def _peak_numpy_bytes(work) -> int:
+    """Peak bytes NumPy allocates while ``work()`` runs (NumPy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "shuffled"])
+def test_an_epoch_over_a_memory_mapped_split_never_copies_the_split(kind, tmp_path):
+    n_tokens = 400_000
+    path = tmp_path / "train.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 30_000, n_tokens).astype(np.uint16))
+    ids = np.load(path, mmap_mode="r")
+
+    def one_epoch():
+        if kind == "contiguous":
+            batches = ContiguousBatches(batchify(ids, 20), bptt=35)
+        else:
+            batches = ShuffledWindows(ids, bptt=35, batch_size=20, seed=0)
+        for inputs, targets in batches.epoch(0):
+            assert inputs.dtype == torch.int64 and inputs.shape[1] <= 20
+
+    # the split is 800 kB as uint16 and would be 3.2 MB as int64; a window is 20 × 36 ids
+    assert _peak_numpy_bytes(one_epoch) < 0.1 * ids.nbytes
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "shuffled"])
+def test_batches_are_sent_to_the_device_they_are_asked_for(kind):
+    # the meta device stands in for an accelerator: it exists everywhere and no tensor lands there by accident
+    ids = np.arange(200, dtype=np.uint16)
+    if kind == "contiguous":
+        batches = ContiguousBatches(batchify(ids, 4), bptt=6, device=torch.device("meta"))
+    else:
+        batches = ShuffledWindows(ids, bptt=6, batch_size=4, seed=0, device=torch.device("meta"))
+    for inputs, targets in batches.epoch(0):
+        assert inputs.device.type == targets.device.type == "meta"
 
 
 def test_a_batch_size_that_leaves_under_two_rows_is_a_config_error():
@@ -149,10 +199,10 @@ def test_an_lstm_run_window_by_window_with_its_state_carried_equals_one_run_over
     model = _lstm().eval()
     stream = batchify(torch.randint(0, 20, (203,), generator=torch.Generator().manual_seed(1)), 5)  # (40, 5)
     with torch.no_grad():
-        whole, _ = model(stream[:-1], model.init_state(5))
+        whole, _ = model.features(stream[:-1], model.init_state(5))
         pieces, state = [], model.init_state(5)
         for inputs, _ in ContiguousBatches(stream, bptt=7).epoch(0):
-            features, state = model(inputs, detach_state(state))
+            features, state = model.features(inputs, detach_state(state))
             pieces.append(features)
     assert torch.allclose(torch.cat(pieces), whole, atol=1e-6)
 
@@ -161,21 +211,21 @@ def test_without_the_carried_state_the_windows_do_not_match_the_stream():
     model = _lstm().eval()
     stream = batchify(torch.randint(0, 20, (203,), generator=torch.Generator().manual_seed(1)), 5)
     with torch.no_grad():
-        whole, _ = model(stream[:-1], model.init_state(5))
-        pieces = [model(inputs, model.init_state(5))[0] for inputs, _ in ContiguousBatches(stream, bptt=7).epoch(0)]
+        whole, _ = model.features(stream[:-1], model.init_state(5))
+        pieces = [model.features(inputs, model.init_state(5))[0] for inputs, _ in ContiguousBatches(stream, bptt=7).epoch(0)]
     assert not torch.allclose(torch.cat(pieces), whole, atol=1e-3)
 
 
 def test_a_detached_state_keeps_its_values_but_has_no_grad_fn():
     model = _lstm().train()
-    features, state = model(torch.randint(0, 20, (6, 3)), model.init_state(3))
+    features, state = model.features(torch.randint(0, 20, (6, 3)), model.init_state(3))
     assert all(t.grad_fn is not None for t in state)
     detached = detach_state(state)
     assert all(t.grad_fn is None and not t.requires_grad for t in detached)
     assert all(torch.equal(a, b) for a, b in zip(state, detached))
     features.sum().backward()  # frees the first window's graph
     # back-propagation of the next window stops at the window edge ...
-    model(torch.randint(0, 20, (6, 3)), detached)[0].sum().backward()
+    model.features(torch.randint(0, 20, (6, 3)), detached)[0].sum().backward()
     # ... where the undetached state would reach back into the freed graph
     with pytest.raises(RuntimeError):
-        model(torch.randint(0, 20, (6, 3)), state)[0].sum().backward()
+        model.features(torch.randint(0, 20, (6, 3)), state)[0].sum().backward()

@@ -10,7 +10,7 @@ from neurallm.config import ModelConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.errors import ConfigError
 from neurallm.models import build_model
-from neurallm.training.loop import detach_state
+from neurallm.training.step import detach_state, training_step
 
 MODEL_TYPES = [
     pytest.param(dict(model="RNN_TANH"), id="RNN_TANH"),
@@ -30,7 +30,7 @@ def _config(vocab_size: int = 30, **settings) -> ModelConfig:
 @pytest.fixture
 def patterned_ids(tiny_corpus, tmp_path):
     """The training ids of the tiny patterned corpus (fixed phrases in random order) and the vocabulary size."""
-    prepared = prepare(tiny_corpus, tmp_path / "prepared", log=lambda message: None)
+    prepared = prepare(tiny_corpus, tmp_path / "prepared")
     return torch.as_tensor(prepared.ids("train").astype("int64")), len(prepared.vocab)
 
 
@@ -44,14 +44,10 @@ def test_every_model_type_learns_the_patterned_corpus(settings, patterned_ids):
     state = model.init_state(8)
     losses = []
     for inputs, targets in list(batches.epoch(0))[:36]:
-        state = detach_state(state) if model.carries_state else model.init_state(8)
-        features, state = model(inputs, state)
-        loss = model.head.loss(features, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        losses.append(loss.item())
+        state = state if model.carries_state else model.init_state(8)
+        outcome = training_step(model, optimizer, inputs, targets, state, clip=0.5)
+        state = outcome.state
+        losses.append(outcome.nll.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert all(torch.isfinite(torch.tensor(losses)))
     assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f}"
@@ -61,7 +57,7 @@ def test_every_model_type_learns_the_patterned_corpus(settings, patterned_ids):
 def test_features_are_time_major_and_the_head_gives_log_probabilities(settings):
     model = build_model(_config(**settings)).eval()
     inputs = torch.randint(0, 30, (7, 3))
-    features, state = model(inputs, model.init_state(3))
+    features, state = model.features(inputs, model.init_state(3))
     assert features.shape == (7, 3, 16)
     log_probs = model.head.log_probs(features)
     assert log_probs.shape == (7, 3, 30)
@@ -115,9 +111,9 @@ def _transformer(memory: int) -> torch.nn.Module:
 def _one_then_two_windows(model, first: int):
     sequence = torch.randint(0, 30, (12, 2), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        whole, _ = model(sequence, model.init_state(2))
-        head, state = model(sequence[:first], model.init_state(2))
-        tail, _ = model(sequence[first:], state)
+        whole, _ = model.features(sequence, model.init_state(2))
+        head, state = model.features(sequence[:first], model.init_state(2))
+        tail, _ = model.features(sequence[first:], state)
     return whole, head, tail
 
 
@@ -141,18 +137,18 @@ def test_memory_keeps_the_last_m_positions_of_every_layer():
     state = model.init_state(2)
     assert len(state) == 2 and all(t.shape == (2, 0, 16) for t in state)  # per layer (B, m, emsize)
     with torch.no_grad():
-        _, state = model(torch.randint(0, 30, (3, 2)), state)
+        _, state = model.features(torch.randint(0, 30, (3, 2)), state)
         assert all(t.shape == (2, 3, 16) for t in state)
-        _, state = model(torch.randint(0, 30, (3, 2)), state)
+        _, state = model.features(torch.randint(0, 30, (3, 2)), state)
     assert all(t.shape == (2, 4, 16) for t in state)
 
 
 def test_memory_is_detached_at_the_window_edge_in_training():
     model = _transformer(memory=6).train()
-    features, memory = model(torch.randint(0, 30, (6, 2)), model.init_state(2))
+    features, memory = model.features(torch.randint(0, 30, (6, 2)), model.init_state(2))
     features.sum().backward()  # frees the first window's graph
-    features, _ = model(torch.randint(0, 30, (6, 2)), detach_state(memory))
+    features, _ = model.features(torch.randint(0, 30, (6, 2)), detach_state(memory))
     features.sum().backward()  # the second window's gradients stop at its edge
-    features, _ = model(torch.randint(0, 30, (6, 2)), memory)
+    features, _ = model.features(torch.randint(0, 30, (6, 2)), memory)
     with pytest.raises(RuntimeError):
         features.sum().backward()  # memory not detached would reach back into the freed graph

@@ -14,6 +14,8 @@ import re
 import string
 from dataclasses import asdict, dataclass
 
+from neurallm.settings import setting
+
 EOS = "<eos>"
 UNK = "<unk>"
 
@@ -21,27 +23,22 @@ UNK = "<unk>"
 # WikiText writes its own markers as " @-@ " etc.; stripping leaves their neighbours as separate words too.
 _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]+")
 _MARKERS = re.compile(f"({re.escape(UNK)}|{re.escape(EOS)})")
+LEVELS = ("word", "char")
 
 
 @dataclass(frozen=True)
 class TokenizerSettings:
-    """How text becomes tokens; saved with every prepared corpus and every run.
+    """How text becomes tokens; saved with every prepared corpus and every run (each field's ``help`` documents it)."""
 
-    Attributes:
-        level: ``"word"`` or ``"char"``.
-        lowercase: lowercase the text before splitting.
-        strip_punctuation: replace ASCII punctuation by spaces (word level only). The special tokens
-            ``<unk>`` and ``<eos>`` written in a corpus survive it.
-    """
-
-    level: str = "word"
-    lowercase: bool = False
-    strip_punctuation: bool = False
+    level: str = setting("word", help="word: whitespace split, <eos> at each line end; char: characters", choices=LEVELS)
+    lowercase: bool = setting(False, help="lowercase the text before splitting")
+    # The special tokens <unk> and <eos> written in a corpus survive --strip-punctuation.
+    strip_punctuation: bool = setting(False, help="replace ASCII punctuation by spaces (word level only)")
 
     def __post_init__(self) -> None:
         from neurallm.errors import ConfigError
 
-        if self.level not in ("word", "char"):
+        if self.level not in LEVELS:
             raise ConfigError(f"--level must be 'word' or 'char', got {self.level!r}")
         if self.level == "char" and self.strip_punctuation:
             raise ConfigError("--strip-punctuation applies to --level word only; drop it for --level char")

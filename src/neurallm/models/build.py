@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from neurallm.config import ModelConfig
+from neurallm.models.contract import LanguageModel
 from neurallm.models.rnn import RNNLanguageModel
 from neurallm.models.transformer import TransformerLanguageModel
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> LanguageModel:
     """A freshly initialised model for ``config`` (``config.vocab_size`` must be set)."""
     if config.vocab_size < 2:
         raise ValueError("ModelConfig.vocab_size must be set from the vocabulary before building a model")

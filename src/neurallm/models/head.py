@@ -1,4 +1,4 @@
-"""The output layer: features → log-probabilities over the vocabulary, and the loss."""
+"""The full-softmax output layer: features → log-probabilities over the vocabulary, and the loss."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurallm.models.contract import OutputHead
 
-class SoftmaxHead(nn.Module):
+
+class SoftmaxHead(OutputHead):
     """A full softmax over the vocabulary.
 
     Args:

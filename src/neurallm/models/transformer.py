@@ -12,8 +12,11 @@ window itself. (Caching keys and values instead is cheaper, but they then come f
 weights and the key/value projections learn nothing from the memory positions; measured on wt2-lite, that
 variant trained to a worse perplexity than no memory at all.) The memory is carried exactly like an RNN
 state, so training with contiguous batches and evaluation pass information from one window to the next.
-Generation uses the same memory as its cache, bounded by ``context`` positions: a new token costs O(context)
-(one key/value projection and one attention row per cached position), not a re-run of the whole prefix.
+
+Generation is different: the weights no longer change, so each layer caches the keys (already rotated at
+their absolute positions) and values of the last ``context`` positions in fixed-size ring buffers. A new
+token projects only itself, writes its key and value over the oldest slot and attends to the buffer: its
+cost does not grow with the history, and a token attends to at most ``context`` positions, itself included.
 
 State layout: a tuple of nlayers tensors, each ``(B, m, emsize)``, with m = 0 for a cold start.
 """
@@ -25,17 +28,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurallm.config import ModelConfig
+from neurallm.models.contract import EvalLayout, GenerationCache, LanguageModel, State
 from neurallm.models.head import SoftmaxHead
 
-State = tuple[torch.Tensor, ...]
+# exact evaluation's least history per scored token (see neurallm.evaluation)
+MIN_STATEFUL_EVAL_CONTEXT = 512
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Apply rotary position embedding to ``x`` ``(B, H, T, Dh)`` at integer ``positions`` ``(T,)``."""
-    half = x.size(-1) // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotary(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> Rotary:
+    """Cosines and sines ``(T, head_dim/2)`` that rotate queries or keys at integer ``positions`` ``(T,)``."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half))
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, half)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, table: Rotary) -> torch.Tensor:
+    """Apply rotary position embedding to ``x`` ``(B, H, T, Dh)`` with the table of its T positions."""
+    cos, sin = table
+    half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -48,17 +62,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.emsize, config.emsize)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, table: Rotary, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend from the window ``x`` ``(B, T, C)`` to the memory ``(B, m, C)`` and the window; ``table``
+        rotates positions 0..m+T-1. Returns the output and the last ``keep`` positions as the next memory."""
         B, T, C = x.size()
         m = memory.size(1)
-        context = torch.cat((memory, x), dim=1)  # (B, m+T, C)
+        context = torch.cat((memory, x), dim=1) if m else x  # (B, m+T, C)
         w_q, w_kv = self.qkv.weight.split((C, 2 * C))
         b_q, b_kv = self.qkv.bias.split((C, 2 * C))
         q = F.linear(x, w_q, b_q).view(B, T, self.nhead, C // self.nhead).transpose(1, 2)  # (B, H, T, Dh)
         kv = F.linear(context, w_kv, b_kv).view(B, m + T, 2, self.nhead, C // self.nhead)
         k_all, v_all = kv.permute(2, 0, 3, 1, 4)  # 2 × (B, H, m+T, Dh)
-        positions = torch.arange(m + T, device=x.device)
-        q_rot, k_rot = rotate(q, positions[m:]), rotate(k_all, positions)
+        cos, sin = table
+        q_rot, k_rot = rotate(q, (cos[m:], sin[m:])), rotate(k_all, table)
         dropout_p = self.dropout if self.training else 0.0
         if m == 0:
             y = F.scaled_dot_product_attention(q_rot, k_rot, v_all, is_causal=True, dropout_p=dropout_p)
@@ -68,6 +84,35 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q_rot, k_rot, v_all, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), context[:, max(0, m + T - keep) :]
+
+    def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, table: Rotary) -> torch.Tensor:
+        """Generation: attend from ``x`` ``(B, T, C)`` at positions ``length..length+T-1`` to the cached ring
+        buffers ``keys``/``values`` ``(B, H, capacity, Dh)`` and to itself, then write its keys and values into
+        the buffers (slot = position mod capacity). Every query sees at most ``capacity`` positions."""
+        B, T, C = x.size()
+        capacity = keys.size(2)
+        q, k, v = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, Dh)
+        q, k = rotate(q, table), rotate(k, table)
+        new_positions = torch.arange(length, length + T, device=x.device)
+        slots = new_positions % capacity
+        if T == 1:
+            # the new key overwrites the one position that falls out of reach: no mask needed
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            filled = min(length + 1, capacity)
+            y = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])
+        else:
+            filled = min(length, capacity)
+            held = torch.arange(filled, device=x.device)
+            held = held + capacity * ((length - 1 - held) // capacity)  # absolute position in each filled slot
+            key_positions = torch.cat((held, new_positions))
+            allowed = (key_positions[None, :] <= new_positions[:, None]) & (key_positions[None, :] > new_positions[:, None] - capacity)
+            y = F.scaled_dot_product_attention(
+                q, torch.cat((keys[:, :, :filled], k), dim=2), torch.cat((values[:, :, :filled], v), dim=2), attn_mask=allowed
+            )
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
@@ -83,14 +128,18 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, memory, keep):
-        attended, new_memory = self.attn(self.ln_attn(x), memory, keep)
-        x = x + self.drop(attended)
-        x = x + self.drop(self.ffn(self.ln_ffn(x)))
-        return x, new_memory
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, table: Rotary, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, new_memory = self.attn(self.ln_attn(x), memory, table, keep)
+        return self._feed_forward(x + self.drop(attended)), new_memory
+
+    def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, table: Rotary) -> torch.Tensor:
+        return self._feed_forward(x + self.attn.decode(self.ln_attn(x), keys, values, length, table))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.ffn(self.ln_ffn(x)))
 
 
-class TransformerLanguageModel(nn.Module):
+class TransformerLanguageModel(LanguageModel):
     """Causal Transformer LM over ``(T, B)`` ids; with ``memory > 0`` it carries state across windows."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -105,9 +154,6 @@ class TransformerLanguageModel(nn.Module):
         if not config.tied:
             nn.init.normal_(self.head.weight, std=0.02)
 
-    # What a window sees depends on where it starts (its memory holds at most `memory` positions).
-    window_independent = False
-
     @property
     def carries_state(self) -> bool:
         return self.config.memory > 0
@@ -117,20 +163,42 @@ class TransformerLanguageModel(nn.Module):
         empty = torch.zeros(batch_size, 0, self.config.emsize, device=device)
         return tuple(empty for _ in range(self.config.nlayers))
 
-    def forward(self, input: torch.Tensor, state: State, keep: int | None = None) -> tuple[torch.Tensor, State]:
-        """Features ``(T, B, emsize)`` for ids ``(T, B)``.
-
-        Args:
-            input: ids ``(T, B)``.
-            state: the memory from :meth:`init_state` or the previous call.
-            keep: positions of memory to return per layer (default: the model's ``memory``; generation passes
-                its context length to use the memory as a KV cache).
-        """
-        keep = self.config.memory if keep is None else keep
-        x = self.drop(self.encoder(input.t()))  # (B, T, C)
+    def features(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Features ``(T, B, emsize)`` for ids ``(T, B)``; the state is each layer's memory (see the module docstring)."""
+        x = self.drop(self.encoder(ids.t()))  # (B, T, C)
+        m = state[0].size(1)
+        table = rotary(torch.arange(m + x.size(1), device=x.device), self.config.emsize // self.config.nhead, x.dtype)
         new_state: list[torch.Tensor] = []
         for block, memory in zip(self.blocks, state):
-            x, memory = block(x, memory, keep)
+            x, memory = block(x, memory, table, self.config.memory)
             new_state.append(memory)
         features = self.ln_final(x).transpose(0, 1)  # (T, B, C)
         return features, tuple(new_state)
+
+    def eval_layout(self, bptt: int) -> EvalLayout:
+        if not self.carries_state:
+            # nothing carried: sliding windows of the training length, each with bptt/2 tokens of history
+            return EvalLayout(carries_state=False, window=bptt, align=None, default_context=bptt // 2)
+        # What a window sees depends on where it starts, so columns are cut into batch size 1's windows; a layer
+        # sees at most memory + bptt positions back, so nlayers times that reproduces batch size 1 exactly.
+        context = max(MIN_STATEFUL_EVAL_CONTEXT, self.config.nlayers * (self.config.memory + bptt))
+        return EvalLayout(carries_state=True, window=bptt, align=bptt, default_context=context)
+
+    def start_generation(self, batch_size: int, context: int, device: torch.device | str = "cpu") -> GenerationCache:
+        """Empty key and value ring buffers of ``context`` positions per layer."""
+        head_dim = self.config.emsize // self.config.nhead
+        shape = (batch_size, self.config.nhead, context, head_dim)
+        buffers = tuple(torch.zeros(shape, device=device) for _ in range(2 * self.config.nlayers))
+        return GenerationCache(buffers, 0, context)
+
+    def generation_step(self, ids: torch.Tensor, cache: GenerationCache) -> tuple[torch.Tensor, GenerationCache]:
+        T = ids.size(0)
+        if cache.capacity is None or T > cache.capacity:
+            raise ValueError(f"a generation step takes at most the cache's {cache.capacity} positions, got {T}")
+        x = self.encoder(ids.t())  # (B, T, C)
+        positions = torch.arange(cache.length, cache.length + T, device=x.device)
+        table = rotary(positions, self.config.emsize // self.config.nhead, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cache.tensors[2 * i], cache.tensors[2 * i + 1], cache.length, table)
+        features = self.ln_final(x).transpose(0, 1)  # (T, B, C)
+        return features, GenerationCache(cache.tensors, cache.length + T, cache.capacity)

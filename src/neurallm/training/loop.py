@@ -1,8 +1,14 @@
 """The training loop: epochs of BPTT windows, validation, checkpoints, resume, clean stops.
 
-The loop knows nothing about a particular model: it needs ``init_state``, ``forward(input, state)``,
-``head.loss`` and ``carries_state``. It writes nothing but the run directory, through
-:mod:`neurallm.training.checkpoint`.
+The loop knows nothing about a particular model: it uses only the model contract
+(:mod:`neurallm.models.contract`). ``self.model`` is the language model itself (state, checkpoints,
+evaluation); ``self.step_model`` is what a training step calls, the same model or a wrapper standing in for it
+(DistributedDataParallel, ``torch.compile``). Each step goes through :func:`neurallm.training.step.training_step`.
+It writes nothing but the run directory, through :mod:`neurallm.training.checkpoint`.
+
+The pieces, one job each: :meth:`Trainer._step` (one window), :meth:`Trainer._run_epoch` (the windows of an
+epoch), :meth:`Trainer._stop_reason` (whether to stop now), :meth:`Trainer._end_epoch` (validation, metrics,
+best model) and :meth:`Trainer.save_last` / :meth:`Trainer.save_best` (checkpoints).
 
 Stops: ``--epochs`` reached, ``--max-time`` seconds of training spent (counted over resumes), or Ctrl-C or
 SIGTERM (what ``timeout``, docker, systemd and SLURM send): the first one finishes the current step, saves
@@ -11,17 +17,18 @@ PyTorch example does.
 
 Numerical faults: a non-finite loss or gradient skips the step, restores the weights and optimizer from
 ``last.safetensors``, divides the learning rate by 4 and says so; a second fault stops training with the
-checkpoints intact.
+checkpoints intact. On the CPU each step is checked at once; on an accelerator the check is read back once per
+``--log-interval`` (and before every checkpoint), so the device never waits for the host in between.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +41,15 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
-from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
+from neurallm.models.contract import LanguageModel, State
+from neurallm.plots import write_run_curves
+from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
+from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
+from neurallm.training.progress import IntervalMeter
+
+logger = logging.getLogger(__name__)
 
 FAULT_LR_FACTOR = 0.25
 
@@ -50,7 +63,7 @@ class TrainResult:
         epochs_completed: full epochs done (over all resumes).
         best_valid_loss: lowest validation loss (nats per token).
         test: the best model on the test split (None if it was not evaluated).
-        stopped_by: ``epochs``, ``max_time`` or ``interrupt``.
+        stopped_by: ``epochs``, ``max_time``, ``dry_run`` or ``interrupt``.
     """
 
     run_dir: Path
@@ -86,9 +99,37 @@ class _StopRequest:
             signal.signal(sig, previous)
 
 
-def detach_state(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Cut the graph at the window edge (truncated BPTT) while keeping the state's values."""
-    return tuple(t.detach() for t in state)
+class _Progress:
+    """The epoch's progress bar (tqdm); the loss it shows is refreshed every --log-interval windows."""
+
+    def __init__(self, trainer: "Trainer", total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.trainer = trainer
+        self.started = time.perf_counter()
+        train = trainer.config.train
+        self.bar = tqdm(total=total, initial=trainer.window, desc=f"epoch {trainer.epoch + 1}/{train.epochs}",
+                        disable=not trainer.progress, leave=False, unit="batch", dynamic_ncols=True)
+        self.lines = IntervalMeter(trainer.tracker.last.loss_sum, trainer.tracker.last.steps)
+
+    def advance(self, tokens: int) -> None:
+        trainer = self.trainer
+        self.bar.update(1)
+        if not (trainer.window % trainer.config.train.log_interval == 0 or trainer.window == self.bar.total):
+            return
+        totals = trainer.tracker.last  # read back by the fault check at this same window
+        if trainer.progress:
+            mean = totals.loss_sum / max(1, totals.steps)
+            rate = tokens / max(1e-9, time.perf_counter() - self.started)
+            self.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{trainer.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
+        else:  # no terminal (a log, CI, a pipe): the PyTorch example's plain line instead of a bar
+            logger.info(self.lines.line(trainer.epoch + 1, trainer.window, self.bar.total, trainer.schedule.lr,
+                                        totals.loss_sum, totals.steps))
+
+    def close(self) -> float:
+        """Close the bar; the seconds since the epoch (or its resumed part) started."""
+        self.bar.close()
+        return time.perf_counter() - self.started
 
 
 class Trainer:
@@ -101,26 +142,28 @@ class Trainer:
         data: PreparedCorpus,
         *,
         progress: bool | None = None,
-        log: Callable[[str], None] = log_line,
         save_every: float = 300.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.data = data
-        self.log = log
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.save_every = save_every
         train = config.train
         self.device = pick_device(train.device)
         seed_everything(train.seed)
-        self.model = build_model(config.model).to(self.device)
+        self.model: LanguageModel = build_model(config.model).to(self.device)
+        # what a training step calls: the model itself, or a wrapper standing in for it (DDP, torch.compile)
+        self.step_model: torch.nn.Module = self.model
         self.optimizer = build_optimizer(self.model, train)
         train_ids = data.ids("train")
         if train.shuffle_windows:
-            self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed)
+            self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed, self.device)
         else:
-            self.batches = ContiguousBatches(batchify(train_ids, train.batch_size).to(self.device), train.bptt)
+            self.batches = ContiguousBatches(batchify(train_ids, train.batch_size), train.bptt, self.device)
         self.carry = self.model.carries_state and self.batches.carries_state
+        # reading a value back stalls an accelerator's queue: check faults every step only where that is free
+        self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
         self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches))
         self.epoch = 0  # completed epochs
         self.window = 0  # next window of the current epoch
@@ -129,15 +172,16 @@ class Trainer:
         self.best_valid_loss = math.inf  # of the weights in model.safetensors
         self.metrics: list[dict] = []
         # train loss of the current epoch so far: saved mid-epoch so a resumed epoch reports the whole epoch's mean
-        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+        self.tracker = LossTracker(self.device)
         self.state = self._cold_state()
 
-    def _cold_state(self) -> tuple[torch.Tensor, ...]:
+    def _cold_state(self) -> State:
         return self.model.init_state(self.config.train.batch_size, self.device)
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
     def save_last(self) -> None:
+        self._check_faults()  # a checkpoint must never hold the weights of a non-finite step
         rng_json, rng_tensors = capture_rng_state()
         optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
         carried = {f"carry.{i}": t for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
@@ -148,7 +192,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "faults": self.faults,
             "best_valid_loss": None if math.isinf(self.best_valid_loss) else self.best_valid_loss,
-            "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_count],
+            "epoch_loss": [self.tracker.last.loss_sum, self.tracker.last.steps],
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
             "rng": rng_json,
@@ -180,7 +224,7 @@ class Trainer:
         self.epoch, self.window, self.elapsed = info["epoch"], info["window"], info["elapsed"]
         self.faults = info.get("faults", 0)
         self.best_valid_loss = math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"]
-        self.epoch_loss_sum, self.epoch_loss_count = info.get("epoch_loss", [0.0, 0])
+        self.tracker.reset(*info.get("epoch_loss", [0.0, 0]))
         saved = Schedule.from_dict(info["schedule"])
         # --epochs may have been raised: the cosine schedule stretches to the new end
         saved.total_steps = self.config.train.epochs * len(self.batches)
@@ -196,28 +240,24 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------------
 
-    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float | None:
-        """One optimisation step; returns the loss, or None if it was not finite (nothing applied)."""
-        train = self.config.train
-        if self.carry:
-            self.state = detach_state(self.state)
-        else:
-            self.state = self.model.init_state(inputs.size(1), self.device)
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutcome:
+        """One optimisation step on a window, starting from the carried state or a cold one."""
+        state = self.state if self.carry else self.model.init_state(inputs.size(1), self.device)
         self.schedule.apply(self.optimizer)
-        features, new_state = self.model(inputs, self.state)
-        loss = self.model.head.loss(features, targets)
-        if not torch.isfinite(loss.detach()):
-            return None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # --clip 0 turns clipping off (an infinite bound scales by exactly 1), not the check for a non-finite gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip if train.clip > 0 else math.inf)
-        if not torch.isfinite(grad_norm):
-            return None
-        self.optimizer.step()
-        self.schedule.after_step()
-        self.state = new_state
-        return loss.item()
+        outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
+                                skip_nonfinite=self.check_interval == 1)
+        self.tracker.add(outcome)
+        self.state = outcome.state
+        return outcome
+
+    def _check_faults(self) -> bool:
+        """Read the losses back (one host synchronisation); handle a non-finite step. True if there was one."""
+        if self.tracker.pending == 0:
+            return False
+        if self.tracker.flush().faulty == 0:
+            return False
+        self._handle_fault()
+        return True
 
     def _handle_fault(self) -> None:
         self.faults += 1
@@ -230,84 +270,97 @@ class Trainer:
         self.restore_last(full=False)
         self.schedule.scale(FAULT_LR_FACTOR)
         self.state = self._cold_state()
-        self.log(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
+        # INFO, not WARNING: a recovered fault is a line of the training log (stdout), like the epoch lines
+        logger.info(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
 
-    def validate(self) -> EvalResult:
+    def evaluate_split(self, split: str) -> EvalResult:
+        """Exact evaluation of the current weights on ``split`` (in eval mode; the mode is restored)."""
         train = self.config.train
-        self.model.eval()
-        result = evaluate(self.model, self.data.ids("valid"), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
-        self.model.train()
-        return result
+        return evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
 
     def run(self, *, resume: bool = False) -> TrainResult:
         train = self.config.train
         if resume:
             ckpt.remove_stale_temp_files(self.run_dir)
             self.restore_last(full=True)
-            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
+            logger.info(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
         else:
             self.save_best(math.inf)
             self.save_last()
-        stopped_by = "epochs"
-        tokens_per_window = train.batch_size * train.bptt
+        stopped_by = None
         with _StopRequest() as stop:
-            while self.epoch < train.epochs and stopped_by == "epochs":
-                stopped_by = self._run_epoch(stop, tokens_per_window)
-        return self._finish(stopped_by)
+            while self.epoch < train.epochs and stopped_by is None:
+                stopped_by = self._run_epoch(stop)
+        if stopped_by == "max_time":
+            logger.info(self._max_time_message())
+        return self._finish(stopped_by or "epochs")
 
-    def _run_epoch(self, stop: _StopRequest, tokens_per_window: int) -> str:
-        from tqdm.auto import tqdm
-
+    def _max_time_message(self) -> str:
         train = self.config.train
-        self.model.train()
+        partial = f" and {self.window:,} of {len(self.batches):,} batches of epoch {self.epoch + 1}" if self.window else ""
+        return f"stopped by --max-time after {self.epoch} of {train.epochs} epochs{partial} ({self.elapsed:.0f}s of training)"
+
+    def _run_epoch(self, stop: _StopRequest) -> str | None:
+        """Train the rest of the current epoch; returns why training stopped early, or None."""
         if self.window == 0:
             self.state = self._cold_state()
-            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-        epoch_started, last_save = time.perf_counter(), time.perf_counter()
-        tokens = 0
-        stopped_by = "epochs"
-        bar = tqdm(total=len(self.batches), initial=self.window, desc=f"epoch {self.epoch + 1}/{train.epochs}",
-                   disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+            self.tracker.reset()
+        self.model.train()
+        progress = _Progress(self, len(self.batches))
+        tokens, stopped_by = 0, None
+        last_save = time.perf_counter()
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
-            loss = self._step(inputs, targets)
+            self._step(inputs, targets)
             self.window += 1
-            if loss is None:
-                self._handle_fault()
+            due = self.window % self.check_interval == 0 or self.window == len(self.batches)
+            if due and self._check_faults():
                 continue
-            step_seconds = time.perf_counter() - step_started
-            self.elapsed += step_seconds
+            # an accelerator learns of a fault only at the next check; its schedule then counts the faulty step
+            self.schedule.after_step()
+            self.elapsed += time.perf_counter() - step_started
             tokens += inputs.numel()
-            self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
-            bar.update(1)
-            if self.window % train.log_interval == 0 or self.window == len(self.batches):
-                mean = self.epoch_loss_sum / self.epoch_loss_count
-                rate = tokens / max(1e-9, time.perf_counter() - epoch_started)
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{self.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
-            if stop.requested:
-                stopped_by = "interrupt"
-                break
-            if train.max_time is not None and self.elapsed >= train.max_time:
-                stopped_by = "max_time"
+            progress.advance(tokens)
+            stopped_by = self._stop_reason(stop)
+            if stopped_by is not None:
                 break
             if time.perf_counter() - last_save >= self.save_every:
                 self.save_last()
                 last_save = time.perf_counter()
-        bar.close()
-        seconds = time.perf_counter() - epoch_started
+        seconds = progress.close()
         if stopped_by == "interrupt":
-            self.log(f"interrupted ({stop.reason}): saving the current state and evaluating the best model")
+            logger.info(f"interrupted ({stop.reason}): saving the current state and evaluating the best model")
             self.save_last()
             return stopped_by
-        valid = self.validate()
+        self._end_epoch(seconds, tokens)
+        return stopped_by
+
+    def _stop_reason(self, stop: _StopRequest) -> str | None:
+        """``interrupt`` after a Ctrl-C, ``dry_run`` after one batch of --dry-run, ``max_time`` once --max-time is spent, else None (go on)."""
+        if stop.requested:
+            return "interrupt"
+        if self.config.train.dry_run:
+            return "dry_run"
+        max_time = self.config.train.max_time
+        if max_time is not None and self.elapsed >= max_time:
+            return "max_time"
+        return None
+
+    def _end_epoch(self, seconds: float, tokens: int) -> None:
+        """Validate, record the epoch's metrics, keep the best weights and write the checkpoints.
+
+        Also runs after a --max-time stop in the middle of an epoch (recorded as incomplete)."""
+        self._check_faults()
+        valid = self.evaluate_split("valid")
         epoch_done = self.window >= len(self.batches)
         if epoch_done:
             self.epoch += 1
             self.window = 0
+        totals = self.tracker.last
         record = {
             "epoch": self.epoch if epoch_done else self.epoch + 1,
             "complete": epoch_done,
-            "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
+            "train_loss": totals.loss_sum / max(1, totals.steps),
             "valid_loss": valid.loss,
             "valid_ppl": valid.ppl,
             "lr": self.schedule.lr,
@@ -326,23 +379,21 @@ class Trainer:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
-        self.log(
+        write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
+        logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
             f"{record['tokens_per_s']:,.0f} tok/s"
         )
-        return stopped_by
 
     def _finish(self, stopped_by: str) -> TrainResult:
-        train = self.config.train
         best_path = self.run_dir / ckpt.BEST_FILE
         tensors, metadata = ckpt.read_safetensors(best_path)
         ckpt.load_model_tensors(self.model, tensors, best_path)
-        self.model.eval()
-        test = evaluate(self.model, self.data.ids("test"), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
+        test = self.evaluate_split("test")
         results = {"test": test.to_dict(self.config.tokenizer.level), "stopped_by": stopped_by,
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
         ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
-        self.log(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
+        logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)

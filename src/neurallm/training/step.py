@@ -1,0 +1,129 @@
+"""One optimisation step, and the running loss that is read back from the device only when it is needed.
+
+:func:`training_step` is the only place that runs forward, backward, clipping and the optimizer; the trainer
+and every test that needs a training step call it. It never waits for the device: whether the loss and the
+gradient were finite comes back as a boolean tensor. On the CPU reading it costs nothing, so a non-finite step
+is skipped before the optimizer touches the weights. On an accelerator reading it would stall the pipeline
+every step, so the step is applied regardless and :class:`LossTracker` reports the fault at its next
+``flush`` (once per logging interval and before every checkpoint); the trainer then restores the last
+checkpoint, which a faulty step can never have reached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neurallm.models.contract import State
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at the window edge (truncated BPTT) while keeping the state's values."""
+    return tuple(t.detach() for t in state)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one training step did.
+
+    Attributes:
+        nll: mean NLL of the window in nats (a detached 0-d tensor on the model's device).
+        finite: 0-d bool tensor: the loss and the gradient norm were finite.
+        state: the state after the window, detached from the graph.
+    """
+
+    nll: torch.Tensor
+    finite: torch.Tensor
+    state: State
+
+
+def syncs_for_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on ``device`` costs nothing (no queue of kernels to wait for)."""
+    return device.type == "cpu"
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    state: State,
+    *,
+    clip: float,
+    skip_nonfinite: bool = True,
+) -> StepOutcome:
+    """Forward, backward, clip and update on one window ``(T, B)``.
+
+    Args:
+        model: a :class:`~neurallm.models.contract.LanguageModel`, or a wrapper of one (DistributedDataParallel,
+            ``torch.compile``): only ``model(inputs, state, targets)`` is called.
+        optimizer: updates the parameters it holds; their gradients are what is clipped.
+        inputs, targets: ids ``(T, B)``; the targets are the inputs shifted by one token.
+        state: the state to start the window from (detached or cold).
+        clip: gradient-norm bound; 0 turns clipping off (an infinite bound scales by exactly 1) but not the check
+            for a non-finite gradient.
+        skip_nonfinite: leave the weights alone when the loss or gradient is not finite. This reads a value back
+            from the device, so pass False on accelerators and act on :class:`LossTracker`'s report instead.
+    """
+    output = model(inputs, state, targets)
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    nll = output.nll.detach()
+    finite = torch.isfinite(nll) & torch.isfinite(grad_norm)
+    if not skip_nonfinite or bool(finite):
+        optimizer.step()
+    return StepOutcome(nll, finite, detach_state(output.state))
+
+
+@dataclass
+class Flushed:
+    """The tracker's totals as numbers.
+
+    Attributes:
+        loss_sum: sum of the finite steps' mean NLL since the tracker was reset.
+        steps: finite steps counted in ``loss_sum``.
+        faulty: non-finite steps since the previous flush.
+    """
+
+    loss_sum: float
+    steps: int
+    faulty: int
+
+
+class LossTracker:
+    """Sums per-step losses on the device; :meth:`flush` is the one point that reads them back."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0) -> None:
+        self.device = device
+        self.reset(loss_sum, steps)
+
+    def reset(self, loss_sum: float = 0.0, steps: int = 0) -> None:
+        # float64 so that the sum is the one a Python float accumulation of the same losses gives (MPS has none)
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._sum = torch.tensor(loss_sum, dtype=dtype, device=self.device)
+        self._steps = torch.tensor(steps, dtype=torch.int64, device=self.device)
+        self._pending = 0  # steps added since the last flush
+        self.last = Flushed(loss_sum, steps, 0)
+
+    def add(self, outcome: StepOutcome) -> None:
+        finite = outcome.finite
+        self._sum += torch.where(finite, outcome.nll.to(self._sum.dtype), 0.0)
+        self._steps += finite.long()
+        self._pending += 1
+
+    def flush(self) -> Flushed:
+        """Read the totals back (one host synchronisation) and count the faulty steps since the last flush."""
+        loss_sum, steps = float(self._sum), int(self._steps)
+        faulty = self._pending - (steps - self.last.steps)
+        self._pending = 0
+        self.last = Flushed(loss_sum, steps, faulty)
+        return self.last
+
+    @property
+    def pending(self) -> int:
+        return self._pending
