@@ -2,7 +2,8 @@
 
 The table below is the list of mistakes covered; each row is ``(id, argv, setup, expected)``:
 
-* ``argv`` may contain ``{tmp}`` (a fresh folder) and ``{run}`` (a trained word-level run);
+* ``argv`` may contain ``{tmp}`` (a fresh folder), ``{run}`` (a trained word-level run) and ``{copy}`` (a copy
+  of that run at ``tmp/copy``, which the setup may damage);
 * ``setup(tmp)`` writes the files the case needs;
 * ``expected`` is a substring of the one error line: the flag or file at fault, or the fix.
 
@@ -13,18 +14,25 @@ they are checked separately at the end.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import neurallm
 from conftest import TINY_MODEL, write_patterned_corpus
 from neurallm.cli import main
-from neurallm.data.stream import load_prepared
+from neurallm.config import ModelConfig, RunConfig, TrainConfig
+from neurallm.data.sources import SourceSettings
+from neurallm.data.stream import VocabSettings, load_prepared
+from neurallm.data.tokenizers import TokenizerSettings
 
 # --- setups: each writes what one case needs under tmp ------------------------------------------------------
 
@@ -101,6 +109,92 @@ def _late_bad_byte(tmp: Path) -> None:
     (tmp / "late.txt").write_bytes(b"fine text here\n" * 20_000 + b"caf\xe9\n" + b"more text\n" * 10)
 
 
+def _run_like_folder(tmp: Path, name: str, *extra: str) -> None:
+    """A folder whose config.json parses as a run, holding the files named in ``extra`` as well."""
+    folder = tmp / name
+    folder.mkdir()
+    config = RunConfig(SourceSettings(data=str(tmp / "corpus")), TokenizerSettings(), VocabSettings(),
+                       ModelConfig(vocab_size=30), TrainConfig())
+    (folder / "config.json").write_text(json.dumps(config.to_dict()), encoding="utf-8")
+    for extra_name in extra:
+        (folder / extra_name).write_text("not written by a run\n", encoding="utf-8")
+
+
+def _run_with_thesis(tmp: Path) -> None:
+    _corpus(tmp)
+    _run_like_folder(tmp, "old-run", "thesis.tex")
+
+
+def _hf_model_folder(tmp: Path) -> None:
+    _corpus(tmp)
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "n_layer": 12}', encoding="utf-8")
+
+
+# --- damaging a copy of the trained run (tmp/copy) -----------------------------------------------------------
+
+
+def _edit_config(**model):
+    def setup(tmp: Path) -> None:
+        path = tmp / "copy" / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model"].update(model)
+        path.write_text(json.dumps(config), encoding="utf-8")
+    return setup
+
+
+def _vocab_dev_zero(tmp: Path) -> None:
+    (tmp / "copy" / "vocab.json").unlink()
+    (tmp / "copy" / "vocab.json").symlink_to("/dev/zero")
+
+
+def _config_huge(tmp: Path) -> None:
+    (tmp / "copy" / "config.json").write_bytes(b"{" + b" " * (2 << 20) + b"}")
+
+
+def _rewrite_weights(change):
+    def setup(tmp: Path) -> None:
+        path = tmp / "copy" / "model.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path), metadata=metadata)
+    return setup
+
+
+def _nan_weight(tensors: dict) -> None:
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+
+
+def _int_weight(tensors: dict) -> None:
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.int32)
+
+
+def _header_listing(count: int):
+    """A safetensors file whose header lists ``count`` empty tensors (safetensors itself accepts up to 100 MB)."""
+    def setup(tmp: Path) -> None:
+        header = ("{" + ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(count)) + "}").encode()
+        (tmp / "copy" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return setup
+
+
+def _edit_training_state(**changes):
+    def setup(tmp: Path) -> None:
+        path = tmp / "copy" / "last.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["neurallm_state"])
+        info.update(changes)
+        save_file(load_file(str(path)), str(path), metadata={"neurallm_state": json.dumps(info)})
+    return setup
+
+
+def _drop_last(tmp: Path) -> None:
+    (tmp / "copy" / "last.safetensors").unlink()
+
+
 def train_on(data: str, *flags: str, out: str = "{tmp}/run") -> list[str]:
     return ["train", "--data", f"{{tmp}}/{data}", "--out", out, *flags]
 
@@ -143,6 +237,16 @@ CASES = [
     ("unknown-model", TRAIN + ["--model", "LSTMX"], _corpus, "--model must be one of"),
     ("split-ratios", train_on("latin1.txt", "--split-ratios", "0.5,0.5,0.5"), _latin1_file,
      "--split-ratios must be three positive fractions that sum to 1"),
+    ("split-ratios-nan", train_on("latin1.txt", "--split-ratios", "nan,nan,nan"), _latin1_file,
+     "--split-ratios must be three positive fractions that sum to 1"),
+    ("lr-inf", TRAIN + ["--lr", "inf"], _corpus, "--lr must be positive and finite"),
+    ("weight-decay-inf", TRAIN + ["--weight-decay", "inf"], _corpus, "--weight-decay must be 0 or a positive finite number"),
+    ("seed-beyond-64-bits", TRAIN + ["--seed", str(2**64)], _corpus, "--seed must be between 0 and 2**64-1"),
+    ("seed-negative", TRAIN + ["--seed", "-1"], _corpus, "--seed must be between 0 and 2**64-1"),
+    ("save-every-nan", TRAIN + ["--save-every", "nan"], _corpus, "--save-every must be 0 (every step) or more seconds"),
+    ("save-every-negative", TRAIN + ["--save-every", "-5"], _corpus, "--save-every must be 0 (every step) or more seconds"),
+    ("nhid-absurd", TRAIN + ["--nhid", "2000000"], _corpus, "--nhid must be between 1 and 65,536"),
+    ("nlayers-absurd", TRAIN + ["--nlayers", str(10**6)], _corpus, "--nlayers must be between 1 and 1,024"),
     # incompatible flags
     ("tied-sizes", TRAIN + ["--tied", "--emsize", "10", "--nhid", "12"], _corpus, "--tied needs --emsize equal to --nhid"),
     ("memory-lstm", TRAIN + ["--memory", "4"], _corpus, "--memory applies to --model Transformer only"),
@@ -169,6 +273,28 @@ CASES = [
     ("out-is-run", train_on("corpus", out="{run}"), _corpus, "use --resume to continue it or --force to replace it"),
     ("out-not-empty", train_on("corpus", out="{tmp}/notes"), _stray_folder, "is a non-empty folder that is not a neurallm run"),
     ("force-refuses-foreign-folder", train_on("corpus", "--force", out="{tmp}/notes"), _stray_folder, "refusing to delete it even with --force"),
+    ("force-refuses-run-with-foreign-file", train_on("corpus", "--force", out="{tmp}/old-run"), _run_with_thesis,
+     "it holds thesis.tex, which a run does not write); refusing to delete it even with --force"),
+    ("force-refuses-other-config", train_on("corpus", "--force", out="{tmp}/hf"), _hf_model_folder,
+     "its config.json is not a neurallm run's"),
+    ("resume-without-last", ["train", "--out", "{copy}", "--resume"], _drop_last, "model.safetensors, are still there"),
+    ("resume-damaged-state", ["train", "--out", "{copy}", "--resume"], _edit_training_state(optimizer={"scalars": {}}),
+     "its training state is damaged"),
+    ("resume-state-wrong-type", ["train", "--out", "{copy}", "--resume"], _edit_training_state(epoch="one"),
+     "its training state is damaged (entry 'epoch' missing or of the wrong type)"),
+    ("resume-config-nhid-20000", ["train", "--out", "{copy}", "--resume"], _edit_config(nhid=20000),
+     "has shape (64, 16) but config.json implies (80000, 16)"),
+    # crafted or damaged run folders: refused before anything big is read or built
+    ("vocab-dev-zero", ["eval", "{copy}"], _vocab_dev_zero, "vocab.json cannot be read: not a regular file"),
+    ("config-too-large", ["eval", "{copy}"], _config_huge, "config.json cannot be read: larger than 1,048,576 bytes"),
+    ("config-nhid-20000", ["eval", "{copy}"], _edit_config(nhid=20000), "but config.json implies (80000, 16)"),
+    ("config-nlayers-million", ["eval", "{copy}"], _edit_config(nlayers=10**6), "--nlayers must be between 1 and 1,024"),
+    ("config-wrong-type", ["generate", "{copy}"], _edit_config(nhid="16"), "nhid is '16', not of type int"),
+    ("weights-nan", ["eval", "{copy}"], _rewrite_weights(_nan_weight), "holds NaN or infinite values"),
+    ("weights-not-float", ["eval", "{copy}"], _rewrite_weights(_int_weight), "not a floating-point type"),
+    ("header-million-tensors", ["eval", "{copy}"], _header_listing(10**6),
+     "model.safetensors is not a readable safetensors file (header length 58,888,891 bytes)"),
+    ("header-120k-tensors", ["eval", "{copy}"], _header_listing(120_000), "(header: 120,000 tensors)"),
     ("out-is-file", train_on("corpus", out="{tmp}/run.txt"), _out_is_file, "is a file; name a folder for the run"),
     ("eval-not-a-run", ["eval", "{tmp}/plain"], _plain_folder, "is not a neurallm run directory (no config.json)"),
     ("eval-missing-run", ["eval", "{tmp}/no-such-run"], None, "no-such-run: no such run directory"),
@@ -180,7 +306,13 @@ CASES = [
     ("generate-tokens-0", ["generate", "{run}", "--tokens", "0"], None, "--tokens must be at least 1"),
     ("generate-top-p-2", ["generate", "{run}", "--top-p", "2"], None, "--top-p must be in (0, 1]"),
     ("generate-top-k-0", ["generate", "{run}", "--top-k", "0"], None, "--top-k must be at least 1"),
-    ("generate-temperature", ["generate", "{run}", "--temperature", "-1"], None, "--temperature must be 0 (greedy) or positive"),
+    ("generate-temperature", ["generate", "{run}", "--temperature", "-1"], None, "--temperature must be 0 (greedy) or a positive"),
+    ("generate-temperature-nan", ["generate", "{run}", "--temperature", "nan"], None, "--temperature must be 0 (greedy) or a positive"),
+    ("generate-seed-beyond-64-bits", ["generate", "{run}", "--seed", str(2**64)], None, "--seed must be between 0 and 2**64-1"),
+    ("generate-context-negative", ["generate", "{run}", "--context", "-3"], None, "--context must be at least 1"),
+    ("generate-tokens-above-cap", ["generate", "{run}", "--tokens", "1000001"], None, "--tokens must be at most 1,000,000"),
+    ("generate-out-in-run", ["generate", "{copy}", "--out", "{copy}/vocab.json"], None, "is inside the run folder"),
+    ("generate-out-is-folder", ["generate", "{run}", "--out", "{tmp}"], None, "is a folder; name a file for the text"),
     ("explain-range-descending", ["explain", "--range", "5..1"], None, "--range '5..1' is not of the form FIRST..LAST"),
     ("explain-text-and-range", ["explain", "--range", "1..4", "--text", "a b"], None, "give exactly one of --text"),
 ]
@@ -202,13 +334,16 @@ def word_run(tmp_path_factory) -> Path:
 
 
 def _argv(argv: list[str], tmp: Path, run: Path) -> list[str]:
-    return [a.format(tmp=tmp, run=run) for a in argv]
+    return [a.format(tmp=tmp, run=run, copy=tmp / "copy") for a in argv]
 
 
 @pytest.mark.parametrize("argv, setup, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_run, capsys):
+    if any("{copy}" in a for a in argv):
+        shutil.copytree(word_run, tmp_path / "copy")
     if setup is not None:
         setup(tmp_path)
+    before = _listing(tmp_path / "copy")
     code = main(_argv(argv, tmp_path, word_run))
     err = capsys.readouterr().err
     assert code == 1
@@ -216,6 +351,13 @@ def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_ru
     assert err.startswith(f"neurallm {argv[0]}: error: ")
     assert expected.format(tmp=tmp_path) in err
     assert "Traceback" not in err
+    assert _listing(tmp_path / "copy") == before  # a refused command changed nothing in the run
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
 
 
 def test_case_ids_are_unique():

@@ -139,9 +139,9 @@ def test_train_refuses_an_existing_run_without_force_and_replaces_it_with_force(
     assert main(["train", "--data", str(corpus), "--out", str(out), *TINY]) == 1
     error = capsys.readouterr().err
     assert "already exists" in error and "--force" in error
-    (out / "marker").write_text("from the first run")
+    (out / ".metrics.jsonl.left-by-a-crash.tmp").write_text("from the first run")
     assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--force"]) == 0
-    assert not (out / "marker").exists()
+    assert not (out / ".metrics.jsonl.left-by-a-crash.tmp").exists()
     assert RUN_FILES <= {p.name for p in out.iterdir()}
 
 

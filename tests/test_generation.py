@@ -250,3 +250,38 @@ def test_a_transformer_trained_on_a_pattern_continues_it_greedily():
     # the prompt gives the model some history: it was trained with memory, never from a cold single token
     result = generate(net, VOCAB, WORD, prompt="one two three", tokens=9, temperature=0, context=18)
     assert result.text == "one two three four five\none two three four five\n"
+
+
+# --- extreme settings and streamed text ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    model = _model()
+    greedy = generate(model, VOCAB, WORD, prompt="one two", tokens=20, temperature=0)
+    assert generate(model, VOCAB, WORD, prompt="one two", tokens=20, temperature=temperature).text == greedy.text
+
+
+@pytest.mark.parametrize("settings,flag", [(dict(temperature=float("nan")), "--temperature"),
+                                           (dict(temperature=float("inf")), "--temperature"),
+                                           (dict(seed=2**64), "--seed"), (dict(seed=-1), "--seed"),
+                                           (dict(context=-3), "--context"), (dict(tokens=generation.MAX_TOKENS + 1), "--tokens")])
+def test_out_of_range_settings_are_refused_before_any_sampling(settings, flag):
+    with pytest.raises(ConfigError, match=flag):
+        generate(_model(), VOCAB, WORD, **settings)
+
+
+def test_the_largest_64_bit_seed_samples():
+    assert len(generate(_model(), VOCAB, WORD, tokens=5, seed=2**64 - 1).generated_tokens) == 5
+
+
+@pytest.mark.parametrize("prompt", ["", "one two", "one two ", "one\n"])
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_the_streamed_pieces_add_up_to_the_text(prompt, level):
+    vocab = VOCAB if level == "word" else Vocab([UNK, "o", "n", "e", " ", "\n"])
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(model="GRU", vocab_size=len(vocab), emsize=8, nhid=8, nlayers=1, dropout=0.0)).eval()
+    pieces: list[str] = []
+    result = generate(net, vocab, TokenizerSettings(level=level), prompt=prompt, tokens=40, seed=3, on_text=pieces.append)
+    assert "".join(pieces) == result.text
+    assert len(pieces) == 41  # the prompt, then one piece per token: text appears as it is made

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,6 +81,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     """
     out = Path(out)
     *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="train")
+    if not save_every >= 0:  # NaN fails this too
+        raise ConfigError(f"--save-every must be 0 (every step) or more seconds (inf: only at the end of epochs), got {save_every}")
     if resume:
         return _resume(out, data, settings, progress=progress, save_every=save_every)
     data_settings = {k: v for section in data_settings for k, v in section.items()}
@@ -100,13 +104,19 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
         # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
         # run: a setting that fails here must leave no half-made run that blocks the corrected command.
         trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
-        if ranks.is_main:
-            ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
-            ckpt.write_run_files(out, config, prepared.vocab)
-        logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
-                    f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
-                    + _processes_note(ranks))
-        return trainer.run()
+        with ExitStack() as held:
+            def claim_out():
+                # Only now may --force delete the old run: the new one is ready to start. The folder stays locked
+                # until the run ends, so a second process (another --force, a --resume) is refused rather than mixed in.
+                if ranks.is_main:
+                    held.enter_context(ckpt.claim_new_run_dir(out, force))
+                    ckpt.write_run_files(out, config, prepared.vocab)
+
+            ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
+            logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+                        f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
+                        + _processes_note(ranks))
+            return trainer.run()
     finally:
         _leave(ranks, trainer)
 
@@ -123,28 +133,55 @@ def _processes_note(ranks: Ranks) -> str:
 
 
 def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
-    config = ckpt.read_run_config(out)
-    if not (out / ckpt.LAST_FILE).is_file():
-        raise ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE}: it stopped before its first checkpoint, so there is nothing "
-                               f"to resume; start it again with `neurallm train --out {out} --force ...`")
-    config = config.resumed_with(settings)
-    if data is not None and _data_name(data) != config.source.data:
-        raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
+    config = ckpt.read_run_config(out)  # a run, before a lock file is put in it
     ranks, _ = ranks_from_environment(pick_device(config.train.device))
     trainer = None
     try:
-        def prepare():
-            if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
-                return load_prepared(Path(config.source.data))
-            return prepare_corpus(config.source, config.tokenizer, config.vocab)
+        with ExitStack() as held:
+            def lock_and_read():
+                if ranks.is_main:  # one lock for the run: rank 0 holds it for all processes
+                    held.enter_context(ckpt.lock_run_dir(out))
+                # read again under the lock: the run may have changed while we waited for it
+                return ckpt.read_run_config(out)
 
-        prepared = ranks.main_first(prepare)
-        if ranks.is_main:
-            ckpt.write_run_files(out, config, prepared.vocab)
-        trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
-        return trainer.run(resume=True)
+            config = ranks.main_first(lock_and_read)
+            # every rank runs the same checks on the same files, so they all take the same branch
+            trainer = _resumed_trainer(out, config, data, settings, ranks, progress=progress, save_every=save_every)
+            return trainer.run(resume=True)
     finally:
         _leave(ranks, trainer)
+
+
+def _no_last_checkpoint(out: Path) -> ckpt.RunDirError:
+    """Say what is left of a run without last.safetensors, and never advise deleting the only trained weights."""
+    if (out / ckpt.BEST_FILE).is_file():
+        return ckpt.RunDirError(
+            f"{out} has no {ckpt.LAST_FILE}, so it cannot be resumed; its best weights, {out / ckpt.BEST_FILE}, are "
+            "still there (eval and generate use them). To keep them, train the new run into another --out "
+            "(or copy the folder first): --force would delete them"
+        )
+    return ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE} and no {ckpt.BEST_FILE}: it stopped before its first checkpoint, "
+                            f"so there is nothing to resume or keep; start it again with `neurallm train --out {out} --force ...`")
+
+
+def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: Ranks, *, progress, save_every) -> Trainer:
+    """The trainer of a locked run to resume, after checking that it can be resumed with ``settings`` and ``data``."""
+    if not (out / ckpt.LAST_FILE).is_file():
+        raise _no_last_checkpoint(out)
+    config = config.resumed_with(settings)
+    if data is not None and _data_name(data) != config.source.data:
+        raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
+    ckpt.check_weights_fit(out / ckpt.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
+
+    def prepare():
+        if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
+            return load_prepared(Path(config.source.data))
+        return prepare_corpus(config.source, config.tokenizer, config.vocab)
+
+    prepared = ranks.main_first(prepare)
+    if ranks.is_main:
+        ckpt.write_run_files(out, config, prepared.vocab)
+    return Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
 
 
 # Above this share of <unk> tokens `eval` warns: predicting <unk> is easy (one token stands for every unknown word),
@@ -222,12 +259,13 @@ class Run:
         return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=context)
 
     def generate(self, prompt: str = "", *, tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 1111, context: int | None = None) -> GenerationResult:
-        """Sample text after ``prompt`` (same seed, same text)."""
+                 top_p: float | None = None, seed: int = 1111, context: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Sample text after ``prompt`` (same seed, same text); ``on_text`` receives the text as it is made."""
         train = self.config.train
         context = context if context is not None else train.bptt + self.config.model.memory
         return generate(self.model, self.vocab, self.config.tokenizer, prompt=prompt, tokens=tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context)
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context, on_text=on_text)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Run:
@@ -240,6 +278,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "au
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     path = folder / (ckpt.BEST_FILE if checkpoint == "best" else ckpt.LAST_FILE)
+    ckpt.check_weights_fit(path, config.model)  # header against config before a byte of the model is allocated
     model = build_model(config.model)
     tensors, _ = ckpt.read_safetensors(path)
     ckpt.load_model_tensors(model, tensors, path)

@@ -253,7 +253,8 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", default="", help="text to continue (default: none)")
     p.add_argument("--tokens", "--words", type=int, default=DEFAULT_TOKENS,
-                   help=_with_default("tokens to generate (--words: the PyTorch example's name)", DEFAULT_TOKENS))
+                   help=_with_default("tokens to generate, at most 1,000,000, printed as they are made "
+                                      "(--words: the PyTorch example's name)", DEFAULT_TOKENS))
     p.add_argument("--temperature", type=float, default=1.0, help=_with_default("0 = greedy", 1.0))
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability P (default: 1)")
@@ -265,21 +266,58 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     _add_device_flag(p)
 
 
+def _check_generate_out(out: Path, run: Path) -> None:
+    """--out must be a file outside the run folder: writing into it could replace a run file."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a file for the text")
+    if run.is_dir() and out.resolve().is_relative_to(run.resolve()):
+        raise ConfigError(f"--out {out} is inside the run folder {run}; write the text somewhere else")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
-    from neurallm.fileio import atomic_write_text
+    from neurallm.fileio import atomic_path
 
+    if args.out:
+        _check_generate_out(Path(args.out), Path(args.run))
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    result = run.generate(args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, context=args.context)
+    settings = dict(tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, context=args.context)
+    pieces = [0]  # pieces written so far: the prompt's, then one per token
+
+    def stream(write: Callable[[str], object], flush: Callable[[], None]) -> Callable[[str], None]:
+        def on_text(piece: str) -> None:
+            write(piece)
+            flush()
+            pieces[0] += 1
+        return on_text
+
+    # The text is written as it is made, so Ctrl-C keeps what was generated (a file still appears whole: the
+    # temp file is renamed into place with what it holds).
+    result, interrupted = None, False
+    if args.out:
+        with atomic_path(Path(args.out)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            try:
+                result = run.generate(args.prompt, on_text=stream(f.write, lambda: None), **settings)
+            except KeyboardInterrupt:
+                interrupted = True
+    else:
+        try:
+            result = run.generate(args.prompt, on_text=stream(sys.stdout.write, sys.stdout.flush), **settings)
+            print()
+        except KeyboardInterrupt:
+            interrupted = True
+            print(flush=True)
+    tokens = max(0, pieces[0] - 1)
+    if interrupted:
+        where = f" to {args.out}" if args.out else ""
+        print(f"neurallm generate: interrupted; wrote the {tokens:,} tokens made so far{where}", file=sys.stderr)
+        return 130
     if result.prompt_unknown:
         shown = " ".join(sorted(set(result.prompt_unknown))[:10])
         print(f"note: {len(result.prompt_unknown)} prompt token(s) not in the vocabulary, read as <unk>: {shown}", file=sys.stderr)
     if args.out:
-        atomic_write_text(Path(args.out), result.text)
-        print(f"wrote {len(result.generated_tokens):,} tokens to {args.out}", file=sys.stderr)
-    else:
-        print(result.text)
+        print(f"wrote {tokens:,} tokens to {args.out}", file=sys.stderr)
     return 0
 
 

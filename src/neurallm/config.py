@@ -30,7 +30,8 @@ so ``neurallm --help`` stays fast.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
@@ -42,6 +43,12 @@ MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "Transformer")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("none", "bf16")
+# Upper bounds far beyond any model this package trains, so that a crafted config.json (nlayers 10**6) or a typo
+# (--nhid 2000000) is one line rather than minutes of building and gigabytes of memory.
+MAX_WIDTH = 65_536
+MAX_LAYERS = 1_024
+MAX_VOCAB = 1 << 26
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 
 
 def _require(condition: bool, message: str) -> None:
@@ -73,12 +80,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.model in MODEL_TYPES, f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model!r}")
-        _require(self.emsize >= 1, f"--emsize must be at least 1, got {self.emsize}")
-        _require(self.nhid >= 1, f"--nhid must be at least 1, got {self.nhid}")
-        _require(self.nlayers >= 1, f"--nlayers must be at least 1, got {self.nlayers}")
+        _require(1 <= self.emsize <= MAX_WIDTH, f"--emsize must be between 1 and {MAX_WIDTH:,}, got {self.emsize}")
+        _require(1 <= self.nhid <= MAX_WIDTH, f"--nhid must be between 1 and {MAX_WIDTH:,}, got {self.nhid}")
+        _require(1 <= self.nlayers <= MAX_LAYERS, f"--nlayers must be between 1 and {MAX_LAYERS:,}, got {self.nlayers}")
         _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
-        _require(self.nhead >= 1, f"--nhead must be at least 1, got {self.nhead}")
-        _require(self.memory >= 0, f"--memory must be 0 or more, got {self.memory}")
+        _require(1 <= self.nhead <= self.emsize, f"--nhead must be between 1 and --emsize, got {self.nhead}")
+        _require(0 <= self.memory <= MAX_WIDTH, f"--memory must be between 0 and {MAX_WIDTH:,}, got {self.memory}")
+        _require(0 <= self.vocab_size <= MAX_VOCAB, f"vocab_size must be at most {MAX_VOCAB:,}, got {self.vocab_size}")
         if self.model == "Transformer":
             _require(self.emsize % self.nhead == 0,
                      f"--emsize {self.emsize} must be divisible by --nhead {self.nhead}")
@@ -124,13 +132,14 @@ class TrainConfig:
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)")
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
         _require(self.clip >= 0, f"--clip must be 0 (off) or positive, got {self.clip}")
         _require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        _require(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and 2**64-1, got {self.seed}")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _require(self.bptt >= 1, f"--bptt must be at least 1, got {self.bptt}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be 0 or a positive finite number, got {self.weight_decay}")
         _require(self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}")
         _require(self.max_time is None or self.max_time > 0, f"--max-time must be positive seconds, got {self.max_time}")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -149,12 +158,28 @@ TRAIN_SETTINGS = DATA_SETTINGS + (ModelConfig, TrainConfig)
 
 
 def from_dict(cls, data: dict, source: str):
-    """Build ``cls`` from a saved dict, naming ``source`` if a key is unknown or a value invalid."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    """Build ``cls`` from a saved dict, naming ``source`` if a key is unknown or a value invalid.
+
+    A value must have its default's JSON type (an int for an int setting, a number for a float one), so a
+    damaged or hand-edited file fails here with one line rather than deep inside the model.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {cls.__name__} settings are not a JSON object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}; was it written by a newer neurallm?")
-    return cls(**data)
+    for name, value in data.items():
+        default = known[name].default
+        if default is MISSING or default is None:
+            continue
+        kinds = (int, float) if type(default) is float else type(default)
+        if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
+            raise ConfigError(f"{source}: {name} is {value!r}, not of type {type(default).__name__}; the file is damaged")
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 @dataclass

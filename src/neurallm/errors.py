@@ -25,5 +25,9 @@ class TrainingError(NeurallmError):
     """Training that cannot go on (for example repeated non-finite losses)."""
 
 
+class FolderInUseError(NeurallmError):
+    """A run or prepared folder that another process is writing (it holds the folder's lock)."""
+
+
 class DiskFullError(NeurallmError):
     """A write that ran out of disk space; the previous version of the file or folder is left as it was."""

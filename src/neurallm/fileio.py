@@ -64,13 +64,16 @@ def disk_full_error(path: Path, needed: int) -> DiskFullError:
 
 
 @contextmanager
-def atomic_path(path: Path, size: int | None = None) -> Iterator[Path]:
+def atomic_path(path: Path, size: int | None = None, *, create_parent: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
 
     ``size`` (bytes the write will take, when known) goes into the message should the disk fill up.
+    ``create_parent=False`` raises FileNotFoundError when the folder is gone instead of making it again: a run
+    folder deleted while training must not come back holding one stray file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -112,9 +115,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
-    """Call ``write(temp_path)`` and move the result to ``path`` atomically (``size``: see :func:`atomic_path`)."""
-    with atomic_path(path, size) as tmp:
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None, *, create_parent: bool = True) -> None:
+    """Call ``write(temp_path)`` and move the result to ``path`` atomically (arguments: see :func:`atomic_path`)."""
+    with atomic_path(path, size, create_parent=create_parent) as tmp:
         write(tmp)
 
 

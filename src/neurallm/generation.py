@@ -11,12 +11,13 @@ not fed back: nothing would read its features.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from neurallm.data.tokenizers import EOS, TokenizerSettings, detokenize, tokenize_line
+from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, detokenize, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
@@ -39,11 +40,20 @@ class GenerationResult:
     prompt_unknown: list[str]
 
 
-def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+# One call makes at most this many tokens: the result keeps every token in memory (the CLI streams them).
+MAX_TOKENS = 1_000_000
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+def _check(tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int) -> None:
     if tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if tokens > MAX_TOKENS:
+        raise ConfigError(f"--tokens must be at most {MAX_TOKENS:,} per call, got {tokens:,}; run again with another --seed for more")
+    if not 0 <= temperature < math.inf:  # NaN fails this too
+        raise ConfigError(f"--temperature must be 0 (greedy) or a positive finite number, got {temperature}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and 2**64-1, got {seed}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -85,6 +95,7 @@ def generate(
     top_p: float | None = None,
     seed: int = 1111,
     context: int = 512,
+    on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Sample ``tokens`` tokens after ``prompt``.
 
@@ -100,10 +111,21 @@ def generate(
         seed: the same seed gives the same text.
         context: positions a Transformer token attends to, itself included (RNNs carry their whole history in
             their state).
+        on_text: called with the text as it is made: the prompt with the first token, then one piece per token;
+            the pieces add up to the result's ``text``.
     """
-    generated_tokens = list(iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, seed=seed, context=context))
     prompt_tokens = prompt_to_tokens(prompt, tokenizer)
+    prompt_text = prompt if prompt_tokens else ""
+    # the first word is joined to the prompt by a space unless the prompt ends a line or a word already
+    detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")))
+    emit = on_text or (lambda piece: None)
+    generated_tokens: list[str] = []
+    for token in iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, context=context):
+        if not generated_tokens:
+            emit(prompt_text)  # only once the settings passed their checks (at the first token)
+        generated_tokens.append(token)
+        emit(detokenizer.piece(token))
     unknown = [t for t in prompt_tokens if t not in vocab.index]
     return GenerationResult(continue_text(prompt, generated_tokens, tokenizer), generated_tokens, prompt_tokens, unknown)
 
@@ -142,7 +164,7 @@ def iter_generate(
     Arguments as :func:`generate`. The caller may stop iterating at any time; no forward pass runs after the
     last token is drawn.
     """
-    _check(tokens, temperature, top_k, top_p)
+    _check(tokens, temperature, top_k, top_p, seed)
     if context < 1:
         raise ConfigError(f"--context must be at least 1, got {context}")
     model.eval()

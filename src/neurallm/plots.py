@@ -70,7 +70,9 @@ def read_run_curves(run_dir: Path) -> Curves:
 def write_run_curves(run_dir: Path, records: list[dict], level: str) -> Path:
     """Draw ``RUN/curves.png`` from the run's metric records (called by the trainer after every epoch)."""
     run_dir = Path(run_dir)
-    return plot_curves([Curves.from_metrics(run_dir.resolve().name, level, records)], run_dir / CURVES_FILE)
+    # never create the run folder: one deleted while training must not come back holding only this picture
+    return plot_curves([Curves.from_metrics(run_dir.resolve().name, level, records)], run_dir / CURVES_FILE,
+                       create_parent=False)
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
@@ -80,8 +82,11 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     return plot_curves([read_run_curves(Path(d)) for d in run_dirs], Path(out))
 
 
-def plot_curves(runs: list[Curves], out: Path) -> Path:
-    """Draw ``runs`` into the PNG ``out``, written atomically (a reader never sees half an image)."""
+def plot_curves(runs: list[Curves], out: Path, *, create_parent: bool = True) -> Path:
+    """Draw ``runs`` into the PNG ``out``, written atomically (a reader never sees half an image).
+
+    ``create_parent=False``: raise FileNotFoundError if ``out``'s folder does not exist rather than make it.
+    """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
@@ -136,7 +141,7 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
         ax.margins(y=0.08)
         ax.grid(True, alpha=0.3)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=9, frameon=False)
-    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, format="png"), create_parent=create_parent)
     return Path(out)
 
 

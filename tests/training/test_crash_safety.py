@@ -35,6 +35,7 @@ from conftest import TINY_MODEL, write_patterned_corpus
 
 SRC = Path(neurallm.__file__).resolve().parent
 RUN_FILES = {"config.json", "vocab.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "results.json"}
+LOCK_FILE = ".neurallm.lock"  # a killed process leaves it; the kernel has released its lock
 # neurallm's own temp files (.NAME.XXXX.tmp) and safetensors' (.tmpXXXXXX: its writer also goes through a temp file)
 TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\..+\.tmp$|^\.tmp\w{6}$")
 
@@ -135,7 +136,7 @@ def test_kill_9_at_random_moments_leaves_a_run_that_eval_generate_and_resume_acc
                 process.kill()
                 process.wait()
         _check_run_is_usable(run, capsys)
-        strays = {p.name for p in run.iterdir()} - RUN_FILES
+        strays = {p.name for p in run.iterdir()} - RUN_FILES - {LOCK_FILE}
         assert all(TEMP_FILE.match(name) for name in strays), strays  # at most hidden temp files of a cut write
 
     with safe_open(str(run / "last.safetensors"), "pt") as checkpoint:
@@ -318,3 +319,57 @@ def test_a_damaged_run_file_is_one_clean_line(run_copy, capsys, name, content, e
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     assert main(["eval", str(run_copy)]) == 1
     assert expected in _one_error_line(capsys)
+
+
+# --- crafted folders are refused before anything big is built; a full disk is one line ----------------------
+
+
+def _set_model_config(run: Path, **model) -> None:
+    config = json.loads((run / "config.json").read_text())
+    config["model"].update(model)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "last"])
+def test_the_checkpoint_header_is_compared_with_the_config_before_the_model_is_built(run_copy, monkeypatch, checkpoint):
+    """nhid 20000 in config.json would allocate gigabytes; the header's shapes refuse it first."""
+    import neurallm.api
+
+    def no_build(config):
+        raise AssertionError(f"built a model of nhid {config.nhid} before comparing the checkpoint's shapes")
+
+    monkeypatch.setattr(neurallm.api, "build_model", no_build)
+    _set_model_config(run_copy, nhid=20000)
+    with pytest.raises(RunDirError, match=r"weight rnn\.weight_ih_l0 has shape \(64, 16\) but config.json implies \(80000, 16\)"):
+        neurallm.load_run(run_copy, checkpoint=checkpoint)
+
+
+def test_resume_compares_the_header_before_the_trainer_builds_the_model(run_copy, monkeypatch):
+    import neurallm.training.loop
+
+    monkeypatch.setattr(neurallm.training.loop, "build_model", lambda config: pytest.fail("model built before the check"))
+    _set_model_config(run_copy, nhid=20000)
+    with pytest.raises(RunDirError, match=r"config.json implies \(80000, 16\)"):
+        neurallm.train(None, run_copy, resume=True)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(run_copy, monkeypatch, capsys):
+    """safetensors raises its own error type for a full disk; it reaches the user as one line, nothing lost."""
+    from safetensors import SafetensorError
+
+    import neurallm.training.checkpoint as ckpt
+
+    before = (run_copy / "last.safetensors").read_bytes()
+    real_save_file = ckpt.save_file
+
+    def fill_the_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"the first bytes of a checkpoint")
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr(ckpt, "save_file", fill_the_disk)
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--save-every", "0", "--no-progress"]) == 1
+    err = _one_error_line(capsys)
+    assert "no space left on the device" in err.lower()
+    monkeypatch.setattr(ckpt, "save_file", real_save_file)
+    assert (run_copy / "last.safetensors").read_bytes() == before
+    assert not [p.name for p in run_copy.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]

@@ -227,9 +227,23 @@ def test_resume_detects_changed_data_behind_the_same_path(corpus, tmp_path):
         neurallm.train(None, run, resume=True, epochs=2)
 
 
-def test_resume_of_a_run_without_a_checkpoint_says_to_start_again(finished_run, tmp_path):
+def test_resume_of_a_run_without_any_checkpoint_says_to_start_again(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     (run / "last.safetensors").unlink()  # as a kill between config.json and the first checkpoint leaves it
-    with pytest.raises(RunDirError, match="nothing to resume; start it again with .* --force"):
+    (run / "model.safetensors").unlink()
+    with pytest.raises(RunDirError, match="nothing to resume or keep; start it again with .* --force"):
         neurallm.train(None, run, resume=True)
+
+
+def test_resume_without_last_checkpoint_names_the_weights_left_and_does_not_advise_force(finished_run, tmp_path):
+    """--force would delete model.safetensors, the only trained weights left: the advice is to keep them."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "last.safetensors").unlink()
+    with pytest.raises(RunDirError) as error:
+        neurallm.train(None, run, resume=True)
+    message = str(error.value)
+    assert "model.safetensors, are still there" in message and "another --out" in message
+    assert "start it again" not in message and "--force would delete them" in message
+    assert (run / "model.safetensors").is_file()

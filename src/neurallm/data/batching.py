@@ -147,7 +147,8 @@ class ShuffledWindows:
         return full + (1 if rest >= self.world_size else 0)
 
     def epoch(self, epoch: int, start_window: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # modulo 2**64: any 64-bit --seed gives a valid generator seed (the product alone overflows torch's)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         order = torch.randperm(self._n_windows, generator=generator).numpy()
         offsets = np.arange(self.bptt + 1)
         for b in range(start_window, len(self)):

@@ -71,7 +71,8 @@ class SourceSettings:
         if self.format not in FORMATS:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         ratios = tuple(float(r) for r in self.split_ratios)
-        if len(ratios) != 3 or any(r <= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        # `not 0 < r <= 1` rather than `r <= 0`: NaN fails every comparison, so only this form refuses nan,nan,nan
+        if len(ratios) != 3 or not all(0 < r <= 1 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
             raise ConfigError(
                 f"--split-ratios must be three positive fractions that sum to 1, like 0.9,0.05,0.05; got {self.split_ratios}"
             )

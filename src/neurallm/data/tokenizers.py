@@ -64,16 +64,28 @@ def tokenize_line(line: str, settings: TokenizerSettings) -> list[str]:
     return line.split() + [EOS]
 
 
+class Detokenizer:
+    """Tokens to text one at a time (for streamed generation): ``<eos>`` is a line break, words are space-joined.
+
+    ``after_word`` says whether the text so far ends inside a word, so the next word needs a space first.
+    """
+
+    def __init__(self, level: str, *, after_word: bool = False) -> None:
+        self.level = level
+        self.after_word = after_word and level == "word"
+
+    def piece(self, token: str) -> str:
+        if self.level == "char":
+            return token
+        if token == EOS:
+            self.after_word = False
+            return "\n"
+        piece = (" " if self.after_word else "") + token
+        self.after_word = True
+        return piece
+
+
 def detokenize(tokens: list[str], level: str) -> str:
     """Text for a list of tokens: ``<eos>`` becomes a line break, words are joined by spaces."""
-    if level == "char":
-        return "".join(tokens)
-    out: list[str] = []
-    for token in tokens:
-        if token == EOS:
-            out.append("\n")
-        else:
-            if out and out[-1] != "\n":
-                out.append(" ")
-            out.append(token)
-    return "".join(out)
+    detokenizer = Detokenizer(level)
+    return "".join(detokenizer.piece(token) for token in tokens)

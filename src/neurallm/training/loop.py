@@ -10,9 +10,10 @@ The pieces, one job each: :meth:`Trainer._step` (one window), :meth:`Trainer._ru
 epoch), :meth:`Trainer._stop_reason` (whether to stop now), :meth:`Trainer._end_epoch` (validation, metrics,
 best model) and :meth:`Trainer.save_last` / :meth:`Trainer.save_best` (checkpoints).
 
-Stops: ``--epochs`` reached, ``--max-time`` seconds of training spent (counted over resumes), or Ctrl-C
-(the first one finishes the current step and stops cleanly; a second one aborts). In every case the best
-model is evaluated on the test split, as the PyTorch example does.
+Stops: ``--epochs`` reached, ``--max-time`` seconds of training spent (counted over resumes), or Ctrl-C or
+SIGTERM (what ``timeout``, docker, systemd and SLURM send): the first one finishes the current step, saves
+and stops cleanly; a second one aborts. In every case the best model is evaluated on the test split, as the
+PyTorch example does.
 
 Numerical faults: a non-finite loss or gradient skips the step, restores the weights and optimizer from
 ``last.safetensors``, divides the learning rate by 4 and says so; a second fault stops training with the
@@ -80,30 +81,33 @@ class TrainResult:
 
 
 class _StopRequest:
-    """First Ctrl-C (or SIGTERM): finish the step and stop cleanly. A second Ctrl-C: abort at once.
+    """First Ctrl-C or SIGTERM: finish the step, save and stop cleanly. A second Ctrl-C: abort at once.
 
     SIGTERM never aborts: torchrun answers a Ctrl-C by sending SIGTERM to workers that already got the SIGINT,
     and that must not turn a clean stop into an abort.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.requested = False
+        self.reason = ""  # "Ctrl-C" or "SIGTERM", for the message
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.reason = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class _Progress:
@@ -261,6 +265,11 @@ class Trainer:
         path = self.run_dir / ckpt.LAST_FILE
         tensors, state = ckpt.load_last(path)
         ckpt.load_model_tensors(self.model, tensors, path)
+        with ckpt.reading_training_state(path):
+            self._apply_training_state(state, full=full)
+
+    def _apply_training_state(self, state: ckpt.TrainingState, *, full: bool) -> None:
+        path = self.run_dir / ckpt.LAST_FILE
         ckpt.optimizer_from_state(self.optimizer, state.info["optimizer"], state.tensors)
         if not full:
             return
@@ -396,7 +405,7 @@ class Trainer:
                 last_save = time.perf_counter()
         seconds = progress.close()
         if stopped_by == "interrupt":
-            logger.info("interrupted: saving the current state and evaluating the best model")
+            logger.info(f"interrupted ({stop.reason}): saving the current state and evaluating the best model")
             self.save_last()
             return stopped_by
         self._end_epoch(seconds, tokens)
@@ -459,7 +468,11 @@ class Trainer:
             self.save_best(valid.loss)
         self.save_last()
         if self.ranks.is_main:
-            write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
+            try:
+                write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
+            except FileNotFoundError:
+                ckpt.check_run_dir_still_there(self.run_dir)  # the folder went: one line, nothing recreated
+                raise
         mfu_text = "" if utilisation is None else f" | MFU {utilisation:.1%}"
         logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
@@ -475,7 +488,7 @@ class Trainer:
         results = {"test": test.to_dict(self.config.tokenizer.level), "stopped_by": stopped_by,
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
         if self.ranks.is_main:
-            ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
+            ckpt.write_results(self.run_dir, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
