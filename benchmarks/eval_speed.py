@@ -33,7 +33,11 @@ def main() -> None:
     p.add_argument("--run", help="a trained run directory instead (its own data and weights)")
     p.add_argument("--batch-sizes", default="10,20,40,80")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tokens", type=int, help="evaluate only the first N test tokens (both programs)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from neurallm.api import load_run, prepare
     from neurallm.config import ModelConfig
     from neurallm.evaluation import evaluate
@@ -51,7 +55,8 @@ def main() -> None:
         ids = prepare(args.data).ids("test")
     corpus = baseline.Corpus(data)
     reference_model = baseline.RNNModel(len(corpus.word2idx), 200, 200, 2, 0.2).eval()
-    test_data = baseline.batchify(corpus.test, 10)
+    ids = ids[: args.tokens] if args.tokens else ids
+    test_data = baseline.batchify(corpus.test[: args.tokens] if args.tokens else corpus.test, 10)
     criterion = torch.nn.NLLLoss()
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     speeds: dict[str, list[float]] = {"baseline": []}

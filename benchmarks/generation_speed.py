@@ -30,7 +30,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1536)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--vocab", type=int, default=13_778, help="vocabulary size (wt2-lite's by default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vocab = Vocab([UNK, EOS] + [f"w{i}" for i in range(args.vocab - 2)])
     torch.manual_seed(0)
     model = build_model(ModelConfig(model="Transformer", vocab_size=len(vocab), emsize=256, nhid=1024, nlayers=4,

@@ -60,15 +60,18 @@ def baseline_epoch(data: str) -> dict:
     return {"tokens_per_s": result["train_tokens_per_s"], "valid_ppl": result["valid_ppl"], "peak_rss_mb": rss}
 
 
-def windows(program: str, data: str, batches: int) -> dict:
-    text, rss = run_child([sys.executable, __file__, "--data", data, "--child", program, "--batches", str(batches)])
+def windows(program: str, data: str, batches: int, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--data", data, "--child", program, "--batches", str(batches)]
+    text, rss = run_child(command + (["--threads", str(threads)] if threads else []))
     return {**json.loads(text.splitlines()[-1]), "peak_rss_mb": rss}
 
 
-def child(program: str, data: str, batches: int) -> None:
+def child(program: str, data: str, batches: int, threads: int | None) -> None:
     """The bare loop over the first ``batches`` windows (run in its own process)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     if program == "neurallm":
         from neurallm.api import prepare
         from neurallm.config import ModelConfig, TrainConfig
@@ -86,7 +89,7 @@ def child(program: str, data: str, batches: int) -> None:
         optimizer = build_optimizer(model, train)
         state = model.init_state(train.batch_size)
         stream = ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt)
-        started, tokens = time.perf_counter(), 0
+        started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
         for inputs, targets in list(stream.epoch(0))[:batches]:
             state = training_step(model, optimizer, inputs, targets, state, clip=train.clip).state
             tokens += inputs.numel()
@@ -100,7 +103,7 @@ def child(program: str, data: str, batches: int) -> None:
         model = baseline.RNNModel(len(corpus.word2idx), 200, 200, 2, 0.2).train()
         criterion = torch.nn.NLLLoss()
         hidden = model.init_hidden(20)
-        started, tokens = time.perf_counter(), 0
+        started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
         for i in list(range(0, train_data.size(0) - 1, 35))[:batches]:
             inputs, targets = baseline.get_batch(train_data, i, 35)
             hidden = baseline.repackage_hidden(hidden)
@@ -113,7 +116,8 @@ def child(program: str, data: str, batches: int) -> None:
                 param.data.add_(param.grad, alpha=-20)
             loss.item()
             tokens += inputs.numel()
-    print(json.dumps({"tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}))
+    print(json.dumps({"tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
+                      "tokens_per_cpu_s": round(tokens / (time.process_time() - cpu_started), 1)}))
 
 
 def main() -> None:
@@ -121,22 +125,23 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batches", type=int, help="time only the first N windows (a bare loop) instead of an epoch")
+    p.add_argument("--threads", type=int, help="torch threads in the --batches loops (default: torch's choice)")
     p.add_argument("--child", choices=["neurallm", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.data, args.batches)
+        child(args.child, args.data, args.batches, args.threads)
         return
     results: dict[str, list[dict]] = {"baseline": [], "neurallm": []}
     for repeat in range(args.repeats):
         for program in ("baseline", "neurallm") if repeat % 2 == 0 else ("neurallm", "baseline"):
             if args.batches:
-                result = windows(program, args.data, args.batches)
+                result = windows(program, args.data, args.batches, args.threads)
             else:
                 result = (neurallm_epoch if program == "neurallm" else baseline_epoch)(args.data)
             results[program].append(result)
             print(f"{program:9} run {repeat + 1}: " + ", ".join(f"{k} {v:,.2f}" for k, v in result.items()), flush=True)
     summary = {}
-    for key in ("tokens_per_s", "peak_rss_mb"):
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb") if args.batches else ("tokens_per_s", "peak_rss_mb"):
         ours, theirs = (statistics.median(r[key] for r in results[p]) for p in ("neurallm", "baseline"))
         summary[key] = {"neurallm": ours, "baseline": theirs, "ratio": round(ours / theirs, 3)}
     print(json.dumps(summary))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
@@ -172,7 +172,7 @@ class Run:
         source = SourceSettings(**{**base, **overrides})
         return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, splits=splits)
 
-    def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
+    def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:
         """Loss, perplexity and tokens scored on a split (exact method unless ``naive``), with the share of its
         tokens that became ``<unk>`` (a warning is logged above :data:`UNK_WARN_SHARE`)."""

@@ -45,11 +45,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += (lse - target_logit).sum()
             if not any(wants_grad):
                 continue
-            # d loss / d logits = softmax − one-hot, scaled for the mean: computed in place
+            # d loss / d logits = softmax − one-hot, computed in place (the mean's 1/n is applied in backward,
+            # to the much smaller gradients, instead of in another pass over the logits)
             logits.sub_(lse[:, None]).exp_()
             logits[torch.arange(rows, device=logits.device), t] -= 1.0
-            if scale != 1.0:
-                logits.mul_(scale)
             if grad_features is not None:
                 torch.mm(logits, weight, out=grad_features[start : start + rows])
             if grad_weight is not None:
@@ -57,13 +56,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += logits.sum(0)
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        ctx.scale = scale
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         grads = ctx.saved_tensors
-        # each saved gradient is used once, so it can be scaled in place (usually by exactly 1)
-        return (*(g.mul_(grad_output) if g is not None else None for g in grads), None, None)
+        # each saved gradient is used once, so it can be scaled in place
+        factor = grad_output * ctx.scale
+        return (*(g.mul_(factor) if g is not None else None for g in grads), None, None)
 
 
 def linear_cross_entropy(
