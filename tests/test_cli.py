@@ -301,20 +301,20 @@ def test_a_max_time_stop_says_so_on_the_console(corpus, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["stopped_by"] == "max_time"
 
 
-def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(word_run, corpus, tmp_path, capsys, caplog):
+def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(word_run, corpus, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     for split in ("train", "valid", "test"):
         # 4 of the 8 tokens per line are unknown to the run (zebra, ate, grass, quickly); "the" and <eos> are known
         (foreign / f"{split}.txt").write_text("the zebra ate the grass quickly the\n" * 40, encoding="utf-8")
     assert main(["eval", str(word_run), "--data", str(foreign), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["unk_share"] == pytest.approx(4 / 8)
-    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert "50.0% of the test tokens" in warning.message and "<unk>" in warning.message
-    caplog.clear()
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unk_share"] == pytest.approx(4 / 8)  # stdout: the one JSON object alone
+    [warning] = captured.err.splitlines()
+    assert "warning: 50.0% of the test tokens" in warning and "<unk>" in warning
     assert main(["eval", str(word_run)]) == 0  # its own corpus: every word known, no warning
-    assert "<unk> 0.0%" in capsys.readouterr().out
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    captured = capsys.readouterr()
+    assert "<unk> 0.0%" in captured.out and captured.err == ""
 
 
 def _subparsers() -> dict:
@@ -400,3 +400,19 @@ def test_explain_compare_batch_sizes_keeps_eval_batch_sizes_as_an_alias(capsys):
     new = capsys.readouterr().out
     assert main(["explain", "--range", "1..40", "--eval", "--eval-batch-sizes", "5,8"]) == 0
     assert capsys.readouterr().out == new and "batch size 5" in new
+
+
+def test_context_means_the_same_in_every_subcommand_that_has_it():
+    from neurallm.config import CONTEXT_HELP
+
+    having = {command: action for command, parser in _subparsers().items() for action in parser._actions
+              if "--context" in action.option_strings}
+    assert {"train", "eval", "generate", "explain"} <= having.keys()
+    for command, action in having.items():
+        assert action.help.startswith(CONTEXT_HELP), command
+
+
+def test_eval_and_explain_name_their_batch_size_list_alike():
+    for command in ("eval", "explain"):
+        options = {o for a in _subparsers()[command]._actions for o in a.option_strings}
+        assert "--compare-batch-sizes" in options

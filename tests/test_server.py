@@ -145,6 +145,7 @@ MALFORMED = [
     ('{"seed": -1}', 422), ('{"seed": 99999999999999999999999}', 422), ('{"prompt": 5}', 422),
     ('{"prompt": ["a"]}', 422), ('{"prompt": "' + "x" * 201 + '"}', 422), ('{"max_tokens": 5}', 422),
     ('{"prompt": {"nested": [1, 2, {"deep": null}]}}', 422), ('{"tokens": 5, "tokens": 500}', 422),
+    ('{"prompt": "a lone surrogate \\ud800 cannot be sent back as UTF-8"}', 422), ("[" * 2000 + "]" * 2000, 400),
 ]
 
 
@@ -186,7 +187,7 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(client):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(
     st.sampled_from(["prompt", "tokens", "temperature", "top_k", "top_p", "seed", "text", "other"]),
-    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), st.text(max_size=250),
+    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=250),
               st.lists(st.integers(), max_size=3)),
     max_size=6,
 ))
@@ -227,3 +228,17 @@ def test_a_request_that_waits_past_the_timeout_gets_504(run):
             assert response.status_code == 504 and "--timeout" in response.json()["error"]
     finally:
         release.set()
+
+
+def test_a_failure_during_a_stream_ends_it_with_an_error_event(run, monkeypatch):
+    from neurallm.server import app as server_app
+
+    def broken(*args, **kwargs):
+        yield "the"
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(server_app, "iter_generate", broken)
+    with TestClient(create_app(run, ServeConfig(max_tokens=MAX_TOKENS))) as client:
+        events = _events(client.post("/api/generate/stream", json={"tokens": 5}).text)
+    assert [name for name, _ in events] == ["token", "error"]
+    assert events[-1][1]["error"] == "internal error (RuntimeError); the server log has the details"

@@ -25,7 +25,7 @@ from pathlib import Path
 from neurallm import __version__
 from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
-from neurallm.data.stream import VocabSettings
+from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError, NeurallmError
 from neurallm.settings import Setting, format_value, settings_of
@@ -199,6 +199,10 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         if exc.name != "neurallm.export":
             raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
         raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
+        raise ConfigError("--onnx-export needs the package onnx: pip install 'neurallm[onnx]' (or train without --onnx-export)")
     return export_onnx
 
 

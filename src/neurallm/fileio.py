@@ -45,11 +45,12 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def format_size(n_bytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
-            return f"{n_bytes:,.0f} {unit}" if unit == "bytes" else f"{n_bytes:,.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError
+    """``2_097_240`` → ``"2.1 MB"`` (decimal units, as disk sizes are sold and ``df -H`` shows them)."""
+    units = ("bytes", "KB", "MB", "GB", "TB")
+    step = 0
+    while n_bytes >= 1000 and step < len(units) - 1:
+        n_bytes, step = n_bytes / 1000, step + 1
+    return f"{n_bytes:,.0f} bytes" if step == 0 else f"{n_bytes:,.1f} {units[step]}"
 
 
 def disk_full_error(path: Path, needed: int) -> DiskFullError:
@@ -127,10 +128,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def append_line(path: Path, line: str) -> None:
     """Append one line and fsync; a crash can lose at most the line being written, which readers skip."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(path, len(line.encode()) + 1) from exc
 
 
 @contextmanager
