@@ -152,6 +152,24 @@ def test_exact_evaluation_reads_a_memory_mapped_split_window_by_window(kind, tmp
     assert peak < 0.25 * ids.nbytes, f"{peak:,} bytes allocated for a {ids.nbytes:,}-byte split"
 
 
+def test_eval_of_a_run_reuses_its_prepared_data_and_encodes_other_text_for_the_split_asked_only(tmp_path):
+    from conftest import write_patterned_corpus
+    from neurallm.data.registry import cache_dir
+
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=60)
+    neurallm.train(corpus, tmp_path / "run", model="LSTM", progress=False, **TINY_MODEL)
+    run = neurallm.load_run(tmp_path / "run")
+    prepared = cache_dir() / "prepared"
+    before = set(prepared.iterdir())
+    assert run.evaluate(split="test").tokens > 0
+    assert set(prepared.iterdir()) == before  # the run's own data: nothing encoded again
+    other = write_patterned_corpus(tmp_path / "other", lines=60, seed=1)
+    result = run.evaluate(other, split="valid")
+    (made,) = set(prepared.iterdir()) - before
+    assert sorted(p.name for p in made.glob("*.npy")) == ["valid.npy"]  # not train, not test
+    assert result.tokens == len(np.load(made / "valid.npy")) - 1
+
+
 def test_eval_cli_compares_naive_and_exact_for_several_batch_sizes(trained_lstm, capsys):
     run, ids = trained_lstm
     assert main(["eval", str(run.folder), "--compare-batch-sizes", "1,4,20", "--json"]) == 0

@@ -148,7 +148,7 @@ def test_a_config_json_written_before_still_loads_and_its_keys_are_kept():
     old = json.loads(CONFIG_0_1_0)
     config = RunConfig.from_dict(old)
     assert config == RunConfig(SourceSettings(data="/data/corpus"), TokenizerSettings(), VocabSettings(),
-                               ModelConfig(vocab_size=10), TrainConfig())
+                               ModelConfig(vocab_size=10), TrainConfig(eval_batch_size=10))  # 0.1.0's default, kept
     saved = json.loads(json.dumps(config.to_dict()))
     for section, values in old.items():
         assert {k: saved[section][k] for k in values} == values  # same keys and values; new settings only add keys

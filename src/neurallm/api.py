@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torch import nn
 
-from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
-from neurallm.data.sources import SourceSettings, dataset_location
-from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
+from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
+from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
 from neurallm.distributed import Ranks, ranks_from_environment, shutdown
@@ -216,8 +216,12 @@ class Run:
     def level(self) -> str:
         return self.config.tokenizer.level
 
-    def eval_data(self, data: str | Path | None = None, **source_settings) -> PreparedCorpus:
-        """A corpus encoded with this run's tokenizer and vocabulary (default: the run's own data)."""
+    def eval_data(self, data: str | Path | None = None, *, splits: tuple[str, ...] = SPLITS, **source_settings) -> PreparedCorpus:
+        """A corpus encoded with this run's tokenizer and vocabulary (default: the run's own data).
+
+        The run's own data is read from the folder training prepared, when it is still in the cache; any other text
+        is encoded for the given ``splits`` only.
+        """
         if data is not None and Path(data).is_dir() and is_prepared(Path(data)):
             prepared = load_prepared(Path(data))
             if prepared.tokenizer != self.config.tokenizer or prepared.vocab.tokens != self.vocab.tokens:
@@ -226,17 +230,22 @@ class Run:
                     f"{self.folder} ({self.config.tokenizer}); pass the raw text instead so it is encoded the run's way"
                 )
             return prepared
+        overrides = {k: v for k, v in source_settings.items() if v is not None}
+        if (data is None or _data_name(data) == self.config.source.data) and not overrides:
+            own = cached_corpus(self.config.source, self.config.tokenizer, self.config.vocab)
+            if own is not None and own.vocab.tokens == self.vocab.tokens:
+                return own
         base = self.config.source.to_dict()
         if data is not None:
             base["data"], base["location"] = str(data), None
-        source = SourceSettings(**{**base, **{k: v for k, v in source_settings.items() if v is not None}})
-        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab)
+        source = SourceSettings(**{**base, **overrides})
+        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, splits=splits)
 
-    def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
+    def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:
         """Loss, perplexity and tokens scored on a split (exact method unless ``naive``), with the share of its
         tokens that became ``<unk>`` (a warning is logged above :data:`UNK_WARN_SHARE`)."""
-        corpus = self.eval_data(data, **source_settings)
+        corpus = self.eval_data(data, splits=(split,), **source_settings)
         ids = corpus.ids(split)
         bptt = self.config.train.bptt
         if naive:
@@ -255,7 +264,7 @@ class Run:
 
     def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",
                             context: int | None = None, **source_settings) -> list[dict]:
-        ids = self.eval_data(data, **source_settings).ids(split)
+        ids = self.eval_data(data, splits=(split,), **source_settings).ids(split)
         return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=context)
 
     def generate(self, prompt: str = "", *, tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm import __version__
-from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, TRAIN_SETTINGS, ModelConfig, TrainConfig
+from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
@@ -213,8 +213,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     _add_data_flags(p, data_default="the run's own corpus")
     g = p.add_argument_group("evaluation")
     g.add_argument("--split", choices=["train", "valid", "test"], default="test", help=_with_default("split to score", "test"))
-    g.add_argument("--batch-size", type=int, default=10,
-                   help=_with_default("columns evaluated in parallel (does not change the exact result)", 10))
+    g.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help=_with_default("columns evaluated in parallel (does not change the exact result)", EVAL_BATCH_SIZE))
     _add_context_flag(g, CONTEXT_AUTO)
     g.add_argument("--naive", action="store_true", help="the PyTorch example's method (its result depends on --batch-size)")
     g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",

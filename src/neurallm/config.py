@@ -49,6 +49,10 @@ MAX_WIDTH = 65_536
 MAX_LAYERS = 1_024
 MAX_VOCAB = 1 << 26
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
+# Exact evaluation's default columns: the fastest batch size on the PyTorch example's LSTM (benchmarks/eval_speed.py;
+# every batch size agrees to well under 0.05%, so only speed decides). Columns cost a burn-in each; wider batches
+# make the RNN's per-step matrix products efficient.
+EVAL_BATCH_SIZE = 40
 
 
 def _require(condition: bool, message: str) -> None:
@@ -121,7 +125,7 @@ class TrainConfig:
                                      resumable=True)
     device: str = setting("auto", help="where to train", choices=DEVICES)
     shuffle_windows: bool = setting(False, help="fixed windows in random order, state reset per window (the news tutorial)")
-    eval_batch_size: int = setting(10, help="columns used for validation (does not change the result)")
+    eval_batch_size: int = setting(EVAL_BATCH_SIZE, help="columns used for validation (does not change the result)")
     eval_context: int | None = setting(None, help=CONTEXT_HELP + " (in validation)", flag="--context",
                                        default_text=CONTEXT_AUTO)
     dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "

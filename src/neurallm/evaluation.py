@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from neurallm.data.batching import EvalColumn, batchify, get_batch, plan_eval_columns, sliding_window, sliding_window_targets, to_ids_tensor, window_starts
+from neurallm.config import EVAL_BATCH_SIZE
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
@@ -116,7 +117,7 @@ def evaluate(
     model: LanguageModel,
     ids: np.ndarray,
     *,
-    batch_size: int = 10,
+    batch_size: int = EVAL_BATCH_SIZE,
     bptt: int = 35,
     context: int | None = None,
     ranks: Ranks = SINGLE,

@@ -72,6 +72,8 @@ class PreparedCorpus:
 
     def ids(self, split: str) -> np.ndarray:
         """The split's ids, memory-mapped (read-only)."""
+        if split not in self.meta["splits"]:
+            raise DataError(f"{self.folder} holds the {', '.join(self.meta['splits'])} split(s) only, not {split}")
         return np.load(self.folder / f"{split}.npy", mmap_mode="r", allow_pickle=False)
 
     @property
@@ -121,13 +123,15 @@ def load_prepared(folder: Path) -> PreparedCorpus:
         raise DataError(f"{folder} was prepared by another neurallm version (format {meta['format_version']}, this one "
                         f"reads {FORMAT_VERSION}); run `neurallm prepare` again")
     vocab = Vocab.from_json((folder / VOCAB_FILE).read_text(encoding="utf-8"), folder / VOCAB_FILE)
-    missing = [name for name in SPLIT_FILES if not (folder / name).is_file()]
+    # a folder encoded for evaluation may hold only the split asked for (prepare_corpus's `splits`)
+    splits = list(meta.get("splits") or SPLITS)
+    missing = [f"{split}.npy" for split in splits if not (folder / f"{split}.npy").is_file()]
     if missing:
         raise DataError(f"{folder}: prepared corpus lacks {', '.join(missing)}; run `neurallm prepare` again")
     try:
         if meta["vocab_size"] != len(vocab):
             raise _Mismatch(folder / VOCAB_FILE, f"{len(vocab):,} tokens, meta.json says {meta['vocab_size']:,}")
-        for split in SPLITS:
+        for split in splits:
             _check_split(folder / f"{split}.npy", meta["splits"][split]["tokens"], meta["arrays"][split], len(vocab))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{folder / META_FILE} lacks or garbles an entry ({exc!r}); run `neurallm prepare` again") from None
@@ -203,6 +207,19 @@ def _parses_as_meta(folder: Path) -> bool:
     return isinstance(meta.get("splits"), dict) and "tokenizer" in meta and "vocab_size" in meta
 
 
+def cached_corpus(source: SourceSettings, tokenizer: TokenizerSettings, vocab_settings: VocabSettings) -> PreparedCorpus | None:
+    """The cache folder :func:`prepare_corpus` made from these files and settings, if it is still there and sound;
+    None otherwise. Nothing is tokenised (evaluating a run on its own data reuses what training prepared)."""
+    corpus = open_corpus(source)
+    source_key = _hash(settings_key(source, tokenizer, vocab_settings), corpus.identity())
+    folder = cache_dir() / "prepared" / source_key
+    try:
+        prepared = load_prepared(folder) if is_prepared(folder) else None
+    except DataError:
+        return None
+    return prepared if prepared is not None and prepared.meta.get("source_key") == source_key else None
+
+
 def prepare_corpus(
     source: SourceSettings,
     tokenizer: TokenizerSettings,
@@ -210,6 +227,7 @@ def prepare_corpus(
     *,
     out_dir: Path | None = None,
     vocab: Vocab | None = None,
+    splits: tuple[str, ...] = SPLITS,
 ) -> PreparedCorpus:
     """Tokenize and encode every split of ``source``, or reuse a folder prepared from the same files and settings.
 
@@ -220,14 +238,17 @@ def prepare_corpus(
         out_dir: where to write (a new or empty folder, or an earlier output of prepare); default: the cache
             folder ``<cache>/prepared/<source_key>``.
         vocab: encode with this vocabulary instead of building one (evaluating a trained model).
+        splits: the splits to encode; fewer than all only with ``vocab`` given (evaluating one split).
 
     Raises:
         DataError: unreadable source, too little text, or an ``out_dir`` that holds other files.
         DiskFullError: the disk filled up; the previous folder is left as it was and the temp files are removed.
     """
+    if tuple(splits) != SPLITS and vocab is None:
+        raise ValueError("prepare_corpus encodes fewer than all splits only with a given vocabulary")
     corpus = open_corpus(source)
     settings = settings_key(source, tokenizer, vocab if vocab is not None else vocab_settings)
-    source_key = _hash(settings, corpus.identity())
+    source_key = _hash(settings, corpus.identity()) if tuple(splits) == SPLITS else _hash(settings, corpus.identity(), list(splits))
     folder = Path(out_dir) if out_dir is not None else cache_dir() / "prepared" / source_key
     if out_dir is not None:
         check_out_folder(folder)
@@ -242,7 +263,7 @@ def prepare_corpus(
             if out_dir is not None:
                 logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
     vocab_given = vocab
-    writer = _Writer(corpus, tokenizer)
+    writer = _Writer(corpus, tokenizer, tuple(splits))
     try:
         with atomic_folder(folder) as tmp:
             vocab = writer.write(tmp, vocab, vocab_settings)
@@ -290,8 +311,8 @@ class _CountingDigest:
 class _Writer:
     """One preparation: source → provisional ids in a temp file → vocabulary → ``{split}.npy``."""
 
-    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings) -> None:
-        self.corpus, self.tokenizer = corpus, tokenizer
+    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, splits: tuple[str, ...] = SPLITS) -> None:
+        self.corpus, self.tokenizer, self.splits = corpus, tokenizer, splits
         self.source_digest = _CountingDigest()
         self.n_provisional = 0
         self.id_itemsize = 4
@@ -315,7 +336,7 @@ class _Writer:
             final = np.fromiter((vocab.index.get(t, -1) for t in types), dtype=np.int64, count=len(types))
             unknown = final < 0
             remap = np.where(unknown, vocab.unk_id, final).astype(vocab.id_dtype())
-            for split in SPLITS:
+            for split in self.splits:
                 self.arrays[split] = self._write_split(spool, bounds[split], remap, unknown, tmp / f"{split}.npy", split)
         return vocab
 
@@ -325,6 +346,8 @@ class _Writer:
         bounds: dict[str, tuple[int, int]] = {}
         for source_file in self.corpus.sources:
             first = self.n_provisional
+            if source_file.split is not None and source_file.split not in self.splits:
+                continue  # a split file nobody asked for is not even read
             if source_file.split is not None:
                 self._append(source_file, table, spool, None)
                 bounds[source_file.split] = (first, self.n_provisional)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurallm.models.chunked_softmax import linear_cross_entropy
 from neurallm.models.contract import OutputHead
 
 
@@ -34,6 +35,14 @@ class SoftmaxHead(OutputHead):
         return F.log_softmax(self.logits(features).float(), dim=-1)
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Negative log-likelihood in nats of ``targets`` (any shape) given ``features`` (same shape + D)."""
+        """Negative log-likelihood in nats of ``targets`` (any shape) given ``features`` (same shape + D).
+
+        On the CPU a mean or a sum goes through :func:`~neurallm.models.chunked_softmax.linear_cross_entropy`
+        (the same value, without the full ``(N, V)`` logits in memory); accelerators have the bandwidth for the
+        plain computation, which autocast and ``torch.compile`` understand.
+        """
+        if features.device.type == "cpu" and reduction != "none":
+            flat = features.reshape(-1, features.size(-1))
+            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction)
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)

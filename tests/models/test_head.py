@@ -1,0 +1,61 @@
+"""The output layer: the chunked softmax cross-entropy equals the plain one, value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurallm.models import chunked_softmax
+from neurallm.models.chunked_softmax import linear_cross_entropy
+from neurallm.models.head import SoftmaxHead
+
+
+def _inputs(n: int, d: int = 12, v: int = 50, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    bias = torch.randn(v, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    return features, weight, bias, targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n", [1, 7, 16, 37])  # under, at and over several slices of 8
+def test_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradients(n, reduction, monkeypatch):
+    monkeypatch.setattr(chunked_softmax, "CHUNK", 8)
+    features, weight, bias, targets = _inputs(n)
+    upstream = 0.7  # backward scales by the incoming gradient, as when the loss is part of a larger sum
+    chunked = linear_cross_entropy(features, weight, bias, targets, reduction)
+    grads = torch.autograd.grad(chunked * upstream, (features, weight, bias))
+    plain = F.cross_entropy(F.linear(features, weight, bias), targets, reduction=reduction)
+    expected = torch.autograd.grad(plain * upstream, (features, weight, bias))
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_without_gradients_only_the_value_is_computed():
+    features, weight, bias, targets = _inputs(20)
+    with torch.no_grad():
+        value = linear_cross_entropy(features, weight, bias, targets, "sum")
+    assert value.grad_fn is None
+    assert value.item() == pytest.approx(F.cross_entropy(features @ weight.T + bias, targets, reduction="sum").item(), rel=1e-5)
+
+
+def test_a_tied_weight_gets_the_gradient_of_both_its_uses():
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(30, 8)
+    head = SoftmaxHead(8, 30, tied_weight=embedding.weight)
+    ids = torch.randint(0, 30, (5, 3))
+    head.loss(embedding(ids), ids.roll(1, 0)).backward()
+    chunked_grad = embedding.weight.grad.clone()
+    embedding.weight.grad = None
+    F.cross_entropy(head.logits(embedding(ids)).reshape(-1, 30), ids.roll(1, 0).reshape(-1)).backward()
+    assert torch.allclose(chunked_grad, embedding.weight.grad, atol=1e-6)
+
+
+def test_an_unknown_reduction_is_refused():
+    features, weight, bias, targets = _inputs(4)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(features, weight, bias, targets, "max")
