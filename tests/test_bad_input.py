@@ -133,7 +133,9 @@ CASES = [
     ("split-ratios", train_on("latin1.txt", "--split-ratios", "0.5,0.5,0.5"), _latin1_file,
      "--split-ratios must be three positive fractions that sum to 1"),
     # incompatible flags
-    ("tied-sizes", TRAIN + ["--tied", "--emsize", "10", "--nhid", "12"], _corpus, "--tied needs --emsize equal to --nhid"),
+    ("tied-adaptive", TRAIN + ["--tied", "--adaptive-softmax"], _corpus, "--tied and --adaptive-softmax"),
+    ("awd-flag-on-lstm", TRAIN + ["--wdrop", "0.5"], _corpus, "--wdrop apply to --model AWD_LSTM only"),
+    ("bad-cutoffs", TRAIN + ["--adaptive-softmax", "--cutoffs", "20,10"], _corpus, "--cutoffs must be positive and increasing"),
     ("memory-lstm", TRAIN + ["--memory", "4"], _corpus, "--memory applies to --model Transformer only"),
     ("nhead-divides", TRAIN + ["--model", "Transformer", "--emsize", "10", "--nhead", "3"], _corpus,
      "--emsize 10 must be divisible by --nhead 3"),

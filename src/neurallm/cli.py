@@ -134,6 +134,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.presets import PRESETS, presets_help
+
+    p.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=presets_help() + " (default: none)")
     _add_data_flags(p, data_default="none; required unless --resume")
     add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
     add_setting_flags(p, "model", ModelConfig)
@@ -157,7 +160,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from neurallm.api import train
 
-    settings = given_settings(args, *TRAIN_SETTINGS)
+    from neurallm.presets import with_preset
+
+    settings = with_preset(args.preset, given_settings(args, *TRAIN_SETTINGS))
     if not args.resume and args.data is None:
         raise ConfigError("train needs --data (a folder, file or dataset name); or --resume an existing --out")
     if args.resume and args.force:

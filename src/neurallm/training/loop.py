@@ -44,6 +44,7 @@ from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
+from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
 from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
 from neurallm.training.progress import IntervalMeter
@@ -159,7 +160,8 @@ class Trainer:
         self.carry = self.model.carries_state and self.batches.carries_state
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
-        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches))
+        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches), nonmono=train.nonmono)
+        self.average = ParameterAverage(self.model)  # NT-ASGD's averaged weights (inactive otherwise)
         self.epoch = 0  # completed epochs
         self.window = 0  # next window of the current epoch
         self.elapsed = 0.0  # seconds of training over all resumes
@@ -179,6 +181,7 @@ class Trainer:
         self._check_faults()  # a checkpoint must never hold the weights of a non-finite step
         rng_json, rng_tensors = capture_rng_state()
         optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
+        average_json, average_tensors = self.average.to_state()
         carried = {f"carry.{i}": t for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
         info = {
             "neurallm_version": __version__,
@@ -190,11 +193,12 @@ class Trainer:
             "epoch_loss": [self.tracker.last.loss_sum, self.tracker.last.steps],
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
+            "average": average_json,
             "rng": rng_json,
             "metrics": self.metrics,
             "data_key": self.data.meta["key"],
         }
-        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rng_tensors, **optim_tensors, **carried}))
+        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rng_tensors, **optim_tensors, **average_tensors, **carried}))
         ckpt.write_metrics(self.run_dir, self.metrics)
 
     def restore_last(self, *, full: bool) -> None:
@@ -216,17 +220,19 @@ class Trainer:
         self.best_valid_loss = math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"]
         self.tracker.reset(*info.get("epoch_loss", [0.0, 0]))
         saved = Schedule.from_dict(info["schedule"])
-        # --epochs may have been raised: the cosine schedule stretches to the new end
-        saved.total_steps = self.config.train.epochs * len(self.batches)
+        # --epochs or --max-time may have been raised: the cosine schedule stretches to the new end
+        saved.resumed(self.config.train.epochs * len(self.batches), self.config.train.max_time)
         self.schedule = saved
         self.metrics = info["metrics"]
+        self.average.load_state(info.get("average"), state.tensors)
         restore_rng_state(info["rng"], state.tensors)
         carried = [state.tensors[f"carry.{i}"] for i in range(len(self.state)) if f"carry.{i}" in state.tensors]
         self.state = tuple(t.to(self.device) for t in carried) if carried else self._cold_state()
         ckpt.write_metrics(self.run_dir, self.metrics)
 
     def save_best(self, valid_loss: float) -> None:
-        ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
+        with self.average.applied():  # NT-ASGD: the averaged weights are the model
+            ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
 
     # --- training ----------------------------------------------------------------------------------------
 
@@ -297,6 +303,7 @@ class Trainer:
         self.model.train()
         progress = _Progress(self, len(self.batches))
         tokens, stopped_by = 0, None
+        train = self.config.train
         last_save = time.perf_counter()
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
@@ -307,7 +314,10 @@ class Trainer:
                 continue
             # an accelerator learns of a fault only at the next check; its schedule then counts the faulty step
             self.schedule.after_step()
+            self.average.update()
             self.elapsed += time.perf_counter() - step_started
+            if train.max_time is not None:
+                self.schedule.fit_to_time(self.elapsed, train.max_time)
             tokens += inputs.numel()
             progress.advance(tokens)
             stopped_by = self._stop_reason(stop)
@@ -340,7 +350,9 @@ class Trainer:
 
         Also runs after a --max-time stop in the middle of an epoch (recorded as incomplete)."""
         self._check_faults()
-        valid = self.evaluate_split("valid")
+        train = self.config.train
+        with self.average.applied():  # NT-ASGD validates (and keeps as best) the averaged weights
+            valid = self.evaluate_split("valid")
         epoch_done = self.window >= len(self.batches)
         if epoch_done:
             self.epoch += 1
@@ -364,6 +376,9 @@ class Trainer:
             # only whole epochs drive the schedule, so a run stopped by --max-time and extended later anneals
             # exactly as an uninterrupted one
             self.schedule.after_validation(valid.loss)
+            if self.schedule.averaging and not self.average.active:
+                self.average.start()
+                self.log(f"NT-ASGD: validation stalled (--nonmono {train.nonmono}); averaging the weights from now on")
         if valid.loss < self.best_valid_loss:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
