@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def add_prepare_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from neurallm.api import prepare
+    from neurallm.data.prepare import prepare  # not neurallm.api: preparing needs no torch
 
     prepared = prepare(args.data, args.out, **given_settings(args, *DATA_SETTINGS))
     print(f"prepared {prepared.folder} (vocabulary {len(prepared.vocab):,})")
@@ -203,6 +204,10 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         if exc.name != "neurallm.export":
             raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
         raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
+        raise ConfigError("--onnx-export needs the package onnx: pip install onnx (or train without --onnx-export)")
     return export_onnx
 
 
@@ -383,15 +388,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PlainLines(logging.StreamHandler):
+    """Each log record as its bare message on ``sys.stdout`` or ``sys.stderr``, flushed at once even when that is a
+    file or a pipe. The stream is looked up at each record, so pytest's capture and later redirections are honoured."""
+
+    def __init__(self, stream_name: str) -> None:
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stdout / sys.stderr
+
+
+def configure_logging() -> None:
+    """The library logs through ``logging.getLogger("neurallm....")``; the command prints the training log (INFO)
+    on standard output, as the PyTorch example does, and warnings on standard error (so ``eval --json`` prints its
+    one object alone)."""
+    logger = logging.getLogger("neurallm")
+    if not any(isinstance(h, _PlainLines) for h in logger.handlers):
+        out, err = _PlainLines("stdout"), _PlainLines("stderr")
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        logger.addHandler(out)
+        logger.addHandler(err)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines are printed once, here, not again by a root handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         if args.command in ("train", "eval", "generate"):  # only commands that run a model load torch
             from neurallm.runtime import keep_freed_memory
 
-            keep_freed_memory()
+            keep_freed_memory()  # a process-wide setting: the command owns its process, the library does not
         return SUBCOMMANDS[args.command].run(args)
     except NeurallmError as exc:
         if args.debug:
