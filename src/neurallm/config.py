@@ -131,7 +131,9 @@ class TrainConfig:
     clip: float = setting(0.25, help="gradient norm clipping threshold (0: off)")
     epochs: int = setting(40, help="upper limit of epochs", resumable=True)
     batch_size: int = setting(20, help="columns (parallel streams) in a training batch", aliases=("--batch_size",))
-    bptt: int = setting(35, help="tokens per window of truncated back-propagation through time")
+    bptt: int = setting(35, help="tokens per window of truncated back-propagation through time (the mean with --variable-bptt)")
+    variable_bptt: bool = setting(False, help="window lengths drawn around --bptt each epoch, learning rate scaled by "
+                                               "length/bptt (AWD-LSTM)")
     seed: int = setting(1111, help="random seed")
     optimizer: str = setting("sgd", help="sgd: lr/4 when validation stalls (the PyTorch example); adamw: warm-up + cosine "
                                          "(annealed to --max-time when given); ntasgd: SGD, then averaged weights once "
@@ -158,6 +160,9 @@ class TrainConfig:
         _require(self.bptt >= 1, f"--bptt must be at least 1, got {self.bptt}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        _require(not (self.variable_bptt and self.shuffle_windows),
+                 "--variable-bptt and --shuffle-windows contradict each other (contiguous windows of varying length vs "
+                 "fixed windows in random order); drop one")
         _require(self.nonmono >= 1, f"--nonmono must be at least 1, got {self.nonmono}")
         _require(self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}")
         _require(self.max_time is None or self.max_time > 0, f"--max-time must be positive seconds, got {self.max_time}")

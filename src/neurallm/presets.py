@@ -29,7 +29,7 @@ _PE = dict(model="LSTM", nlayers=2, lr=20.0, clip=0.25, epochs=40, batch_size=20
 # AWD-LSTM's published settings (Merity et al. 2018, the salesforce/awd-lstm-lm README): 3 layers 1150 wide,
 # a 400-wide tied embedding, NT-ASGD at lr 30, every regulariser on.
 _AWD = dict(model="AWD_LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, dropout=0.4, dropoute=0.1, wdrop=0.5,
-            alpha=2.0, beta=1.0, lr=30.0, clip=0.25, bptt=70, weight_decay=1.2e-6, optimizer="ntasgd", nonmono=5)
+            alpha=2.0, beta=1.0, lr=30.0, clip=0.25, bptt=70, variable_bptt=True, weight_decay=1.2e-6, optimizer="ntasgd", nonmono=5)
 
 PRESETS: dict[str, Preset] = {
     "pe-small": Preset("PyTorch example, small: 2x200 LSTM, dropout 0.2, SGD lr 20",

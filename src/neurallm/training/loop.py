@@ -37,6 +37,7 @@ from neurallm import __version__
 from neurallm.config import RunConfig
 from neurallm.data.batching import ContiguousBatches, ShuffledWindows, batchify
 from neurallm.data.stream import PreparedCorpus
+from neurallm.data.variable_bptt import VariableWindows
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
 from neurallm.models import build_model
@@ -153,7 +154,9 @@ class Trainer:
         self.step_model: torch.nn.Module = self.model
         self.optimizer = build_optimizer(self.model, train)
         train_ids = data.ids("train")
-        if train.shuffle_windows:
+        if train.variable_bptt:
+            self.batches = VariableWindows(batchify(train_ids, train.batch_size), train.bptt, train.seed, self.device)
+        elif train.shuffle_windows:
             self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed, self.device)
         else:
             self.batches = ContiguousBatches(batchify(train_ids, train.batch_size), train.bptt, self.device)
@@ -239,7 +242,8 @@ class Trainer:
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutcome:
         """One optimisation step on a window, starting from the carried state or a cold one."""
         state = self.state if self.carry else self.model.init_state(inputs.size(1), self.device)
-        self.schedule.apply(self.optimizer)
+        # variable-length BPTT: a window's share of the learning rate is its share of the mean length
+        self.schedule.apply(self.optimizer, inputs.size(0) / self.config.train.bptt if self.config.train.variable_bptt else 1.0)
         outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
                                 skip_nonfinite=self.check_interval == 1)
         self.tracker.add(outcome)

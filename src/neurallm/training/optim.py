@@ -100,9 +100,10 @@ class Schedule:
         self.base_lr *= factor
         self.lr *= factor
 
-    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+    def apply(self, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
+        """Set the optimizer's learning rate; ``scale`` multiplies it for one step (a window of variable length)."""
         for group in optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * scale
 
     def to_dict(self) -> dict:
         data = asdict(self)
