@@ -4,6 +4,7 @@ best checkpoint on the averaged weights, and an exact resume while averaging."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,17 @@ def corpus(tmp_path_factory) -> Path:
 def averaged_run(corpus, tmp_path_factory, trigger_after_epoch_2) -> tuple[Path, list[str]]:
     run = tmp_path_factory.mktemp("ntasgd-run") / "run"
     messages: list[str] = []
-    neurallm.train(corpus, run, log=messages.append, **NTASGD)
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("neurallm")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        neurallm.train(corpus, run, **NTASGD)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
     return run, messages
 
 
@@ -111,8 +122,8 @@ def test_a_crash_while_averaging_resumes_exactly(corpus, averaged_run, tmp_path,
     with monkeypatch.context() as patch:
         crash_at_step(patch, 3 * windows + windows // 2)  # in the last epoch, after averaging began
         with pytest.raises(SimulatedCrash):
-            neurallm.train(corpus, run, log=lambda m: None, save_every=0.0, **NTASGD)
-    neurallm.train(None, run, resume=True, log=lambda m: None)
+            neurallm.train(corpus, run, save_every=0.0, **NTASGD)
+    neurallm.train(None, run, resume=True)
     assert losses(run) == losses(reference)
     ref, got = load_file(reference / "last.safetensors"), load_file(run / "last.safetensors")
     for key in ref:

@@ -383,7 +383,7 @@ class Trainer:
             self.schedule.after_validation(valid.loss)
             if self.schedule.averaging and not self.average.active:
                 self.average.start()
-                self.log(f"NT-ASGD: validation stalled (--nonmono {train.nonmono}); averaging the weights from now on")
+                logger.info(f"NT-ASGD: validation stalled (--nonmono {train.nonmono}); averaging the weights from now on")
         if valid.loss < self.best_valid_loss:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
