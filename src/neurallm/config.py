@@ -42,6 +42,7 @@ MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "AWD_LSTM", "Transformer")
 AWD_ONLY = ("dropouti", "dropouth", "dropoute", "wdrop", "alpha", "beta")  # settings only AWD_LSTM reads
 OPTIMIZERS = ("sgd", "adamw", "ntasgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("none", "bf16")
 
 
 def parse_cutoffs(text: str) -> tuple[int, ...]:
@@ -151,6 +152,9 @@ class TrainConfig:
     dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
+    amp: str = setting("none", help="bf16: train under bfloat16 autocast (loss and softmax stay float32; evaluation is float32)",
+                       choices=AMP_MODES)
+    compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)")
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
@@ -170,6 +174,7 @@ class TrainConfig:
         _require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         _require(self.eval_context is None or self.eval_context >= 0, f"--context must be 0 or more, got {self.eval_context}")
         _require(self.log_interval >= 1, f"--log-interval must be at least 1, got {self.log_interval}")
+        _require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
