@@ -248,7 +248,9 @@ CASES = [
     ("nhid-absurd", TRAIN + ["--nhid", "2000000"], _corpus, "--nhid must be between 1 and 65,536"),
     ("nlayers-absurd", TRAIN + ["--nlayers", str(10**6)], _corpus, "--nlayers must be between 1 and 1,024"),
     # incompatible flags
-    ("tied-sizes", TRAIN + ["--tied", "--emsize", "10", "--nhid", "12"], _corpus, "--tied needs --emsize equal to --nhid"),
+    ("tied-adaptive", TRAIN + ["--tied", "--adaptive-softmax"], _corpus, "--tied and --adaptive-softmax"),
+    ("awd-flag-on-lstm", TRAIN + ["--wdrop", "0.5"], _corpus, "--wdrop apply to --model AWD_LSTM only"),
+    ("bad-cutoffs", TRAIN + ["--adaptive-softmax", "--cutoffs", "20,10"], _corpus, "--cutoffs must be positive and increasing"),
     ("memory-lstm", TRAIN + ["--memory", "4"], _corpus, "--memory applies to --model Transformer only"),
     ("nhead-divides", TRAIN + ["--model", "Transformer", "--emsize", "10", "--nhead", "3"], _corpus,
      "--emsize 10 must be divisible by --nhead 3"),

@@ -185,9 +185,9 @@ def test_a_transformer_with_memory_trains_evaluates_and_generates(corpus, tmp_pa
     assert (tmp_path / "g.txt").read_text(encoding="utf-8").strip()
 
 
-def test_tied_with_unequal_sizes_fails_with_one_line_naming_the_flag(corpus, tmp_path, capsys):
+def test_tied_with_adaptive_softmax_fails_with_one_line_naming_the_flag(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--nhid", "32", "--tied"]) == 1
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY, "--adaptive-softmax", "--tied"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("neurallm train: error: --tied") and "\n" not in error
     assert not out.exists() or not any(out.iterdir())

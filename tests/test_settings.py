@@ -31,6 +31,8 @@ def _example_text(s) -> str:
     """A value for the setting's flag that differs from its default."""
     if s.choices:
         return next(c for c in s.choices if c != s.default)
+    if s.name == "cutoffs":  # a tuple of word ids
+        return "100,500"
     return {int: "3", float: "0.5", str: "text", tuple: "0.8,0.1,0.1"}[s.kind]
 
 

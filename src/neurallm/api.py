@@ -28,6 +28,8 @@ from neurallm.data.vocab import Vocab
 from neurallm.distributed import Ranks, ranks_from_environment, shutdown
 from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
+from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
+from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
 from neurallm.runtime import pick_device
@@ -242,13 +244,19 @@ class Run:
         return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, splits=splits)
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
-                 context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:
-        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``), with the share of its
-        tokens that became ``<unk>`` (a warning is logged above :data:`UNK_WARN_SHARE`)."""
+                 context: int | None = None, naive: bool = False, cache_pointer: CachePointerSettings | None = None,
+                 dynamic: DynamicSettings | None = None, **source_settings) -> EvalResult:
+        """Loss, perplexity and tokens scored on a split (exact method unless ``naive``; with a cache pointer or
+        dynamic evaluation when their settings are given), with the share of its tokens that became ``<unk>`` (a
+        warning is logged above :data:`UNK_WARN_SHARE`)."""
         corpus = self.eval_data(data, splits=(split,), **source_settings)
         ids = corpus.ids(split)
         bptt = self.config.train.bptt
-        if naive:
+        if cache_pointer is not None:
+            result = evaluate_cache_pointer(self.model, ids, cache_pointer, batch_size=batch_size, bptt=bptt, context=context)
+        elif dynamic is not None:
+            result = evaluate_dynamic(self.model, ids, dynamic)
+        elif naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)

@@ -135,6 +135,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.presets import PRESETS, presets_help
+
+    p.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=presets_help() + " (default: none)")
     _add_data_flags(p, data_default="none; required unless --resume")
     add_setting_flags(p, "tokens and vocabulary", TokenizerSettings, VocabSettings)
     add_setting_flags(p, "model", ModelConfig)
@@ -158,7 +161,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from neurallm.api import train
 
-    settings = given_settings(args, *TRAIN_SETTINGS)
+    from neurallm.presets import with_preset
+
+    settings = with_preset(args.preset, given_settings(args, *TRAIN_SETTINGS))
     if not args.resume and args.data is None:
         raise ConfigError("train needs --data (a folder, file or dataset name); or --resume an existing --out")
     if args.resume and args.force:
@@ -217,6 +222,18 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help=_with_default("columns evaluated in parallel (does not change the exact result)", EVAL_BATCH_SIZE))
     _add_context_flag(g, CONTEXT_AUTO)
     g.add_argument("--naive", action="store_true", help="the PyTorch example's method (its result depends on --batch-size)")
+    m = p.add_argument_group("evaluation-time methods (README: Cache pointer and dynamic evaluation)")
+    m.add_argument("--cache-pointer", type=int, metavar="N",
+                   help="mix in a continuous cache pointer over the last N hidden states (default: off)")
+    m.add_argument("--theta", type=float, default=0.3, help=_with_default("cache pointer: sharpness of the match", 0.3))
+    m.add_argument("--lambda", dest="lambda_", type=float, default=0.1,
+                   help=_with_default("cache pointer: weight of the cache in the mixture", 0.1))
+    m.add_argument("--dynamic", action="store_true", help="dynamic evaluation: adapt the weights to each window after scoring it (one column)")
+    m.add_argument("--dynamic-lr", type=float, default=1e-3, help=_with_default("dynamic evaluation: SGD learning rate", 1e-3))
+    m.add_argument("--dynamic-decay", type=float, default=0.0,
+                   help=_with_default("dynamic evaluation: pull back towards the trained weights per window", 0.0))
+    m.add_argument("--dynamic-window", type=int, metavar="TOKENS",
+                   help="dynamic evaluation: tokens per update (default: the run's --bptt)")
     g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="print a table of naive vs exact perplexity per batch size (default: none)")
     _add_checkpoint_flag(g)
@@ -238,7 +255,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             print(format_comparison(rows))
         return 0
-    result = run.evaluate(args.data, split=args.split, batch_size=args.batch_size, context=args.context, naive=args.naive, **source)
+    from neurallm.evaluation_methods.cache_pointer import CachePointerSettings
+    from neurallm.evaluation_methods.dynamic_eval import DynamicSettings
+
+    if args.cache_pointer is not None and args.dynamic:
+        raise ConfigError("--cache-pointer and --dynamic are separate methods; run them one at a time")
+    pointer = None if args.cache_pointer is None else CachePointerSettings(args.cache_pointer, args.theta, args.lambda_)
+    dynamic = (DynamicSettings(args.dynamic_lr, args.dynamic_decay, args.dynamic_window or run.config.train.bptt)
+               if args.dynamic else None)
+    result = run.evaluate(args.data, split=args.split, batch_size=args.batch_size, context=args.context, naive=args.naive,
+                          cache_pointer=pointer, dynamic=dynamic, **source)
     summary = {"split": args.split, **result.to_dict(run.level)}
     if args.json:
         print(json.dumps(summary))

@@ -39,8 +39,9 @@ from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError
 from neurallm.settings import setting, settings_of
 
-MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "Transformer")
-OPTIMIZERS = ("sgd", "adamw")
+MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "AWD_LSTM", "Transformer")
+AWD_ONLY = ("dropouti", "dropouth", "dropoute", "wdrop", "alpha", "beta")  # settings only AWD_LSTM reads
+OPTIMIZERS = ("sgd", "adamw", "ntasgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("none", "bf16")
 # Upper bounds far beyond any model this package trains, so that a crafted config.json (nlayers 10**6) or a typo
@@ -53,6 +54,14 @@ MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 # every batch size agrees to well under 0.05%, so only speed decides). Columns cost a burn-in each; wider batches
 # make the RNN's per-step matrix products efficient.
 EVAL_BATCH_SIZE = 40
+
+
+def parse_cutoffs(text: str) -> tuple[int, ...]:
+    """``2000,10000`` → ``(2000, 10000)`` (the ``--cutoffs`` flag)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected increasing word ids like 2000,10000, got {text!r}") from None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -78,9 +87,20 @@ class ModelConfig:
     nhid: int = setting(200, help="hidden units per RNN layer; the Transformer's feed-forward width")
     nlayers: int = setting(2, help="number of layers")
     dropout: float = setting(0.2, help="dropout on embeddings, between layers and before the output layer")
-    tied: bool = setting(False, help="share the input embedding and output weights (RNNs need --emsize equal to --nhid)")
+    tied: bool = setting(False, help="share the input embedding and output weights (an RNN with --nhid != --emsize "
+                                      "gets a projection to --emsize; AWD_LSTM makes its last layer --emsize wide)")
     nhead: int = setting(2, help="Transformer attention heads; must divide --emsize")
     memory: int = setting(0, help="Transformer-XL memory: positions of the previous window kept per layer and attended to (0: none)")
+    # AWD-LSTM's regularisers (Merity et al., 2018); --dropout is its locked dropout on the last layer's output
+    dropouti: float = setting(0.0, help="AWD_LSTM: locked dropout on the embeddings (input of the first layer)")
+    dropouth: float = setting(0.0, help="AWD_LSTM: locked dropout between LSTM layers")
+    dropoute: float = setting(0.0, help="AWD_LSTM: embedding dropout (whole words dropped from the embedding matrix)")
+    wdrop: float = setting(0.0, help="AWD_LSTM: DropConnect on the hidden-to-hidden weights")
+    alpha: float = setting(0.0, help="AWD_LSTM: activation regularisation, alpha * mean(dropped output^2)")
+    beta: float = setting(0.0, help="AWD_LSTM: temporal activation regularisation, beta * mean((h_t - h_{t-1})^2)")
+    adaptive_softmax: bool = setting(False, help="adaptive softmax output layer (frequent words full, rare ones in clusters; much faster on large vocabularies)")
+    cutoffs: tuple[int, ...] = setting((2000, 10000), help="--adaptive-softmax: word ids where each cluster starts",
+                                       parse=parse_cutoffs, default_text="2000,10000")
 
     def __post_init__(self) -> None:
         _require(self.model in MODEL_TYPES, f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model!r}")
@@ -91,6 +111,19 @@ class ModelConfig:
         _require(1 <= self.nhead <= self.emsize, f"--nhead must be between 1 and --emsize, got {self.nhead}")
         _require(0 <= self.memory <= MAX_WIDTH, f"--memory must be between 0 and {MAX_WIDTH:,}, got {self.memory}")
         _require(0 <= self.vocab_size <= MAX_VOCAB, f"vocab_size must be at most {MAX_VOCAB:,}, got {self.vocab_size}")
+        self.cutoffs = tuple(self.cutoffs)
+        for name in ("dropouti", "dropouth", "dropoute", "wdrop"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
+        _require(self.alpha >= 0 and self.beta >= 0, f"--alpha and --beta must be 0 or more, got {self.alpha} and {self.beta}")
+        if self.model != "AWD_LSTM":
+            used = [f"--{name}" for name in AWD_ONLY if getattr(self, name) != 0.0]
+            _require(not used, f"{', '.join(used)} apply to --model AWD_LSTM only; drop them or use --model AWD_LSTM")
+        _require(all(b > a for a, b in zip(self.cutoffs, self.cutoffs[1:])) and all(c > 0 for c in self.cutoffs),
+                 f"--cutoffs must be positive and increasing, like 2000,10000; got {','.join(map(str, self.cutoffs))}")
+        _require(not (self.tied and self.adaptive_softmax),
+                 "--tied and --adaptive-softmax cannot be combined (the adaptive softmax has no single output matrix "
+                 "to share); drop one")
         if self.model == "Transformer":
             _require(self.emsize % self.nhead == 0,
                      f"--emsize {self.emsize} must be divisible by --nhead {self.nhead}")
@@ -98,10 +131,6 @@ class ModelConfig:
                      f"--emsize/--nhead = {self.emsize // self.nhead} must be even for rotary positions; change --emsize or --nhead")
         else:
             _require(self.memory == 0, "--memory applies to --model Transformer only; drop it for RNN models")
-            # The PyTorch example makes the same choice: tying an RNN needs the hidden size to equal the embedding size.
-            _require(not self.tied or self.emsize == self.nhid,
-                     f"--tied needs --emsize equal to --nhid for RNN models (got {self.emsize} and {self.nhid}); "
-                     "set them equal or drop --tied")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,11 +144,15 @@ class TrainConfig:
     clip: float = setting(0.25, help="gradient norm clipping threshold (0: off)")
     epochs: int = setting(40, help="upper limit of epochs", resumable=True)
     batch_size: int = setting(20, help="columns (parallel streams) in a training batch", aliases=("--batch_size",))
-    bptt: int = setting(35, help="tokens per window of truncated back-propagation through time")
+    bptt: int = setting(35, help="tokens per window of truncated back-propagation through time (the mean with --variable-bptt)")
+    variable_bptt: bool = setting(False, help="window lengths drawn around --bptt each epoch, learning rate scaled by "
+                                               "length/bptt (AWD-LSTM)")
     seed: int = setting(1111, help="random seed")
-    optimizer: str = setting("sgd", help="sgd: lr/4 when validation stalls (the PyTorch example); adamw: warm-up + cosine",
-                             choices=OPTIMIZERS)
-    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    optimizer: str = setting("sgd", help="sgd: lr/4 when validation stalls (the PyTorch example); adamw: warm-up + cosine "
+                                         "(annealed to --max-time when given); ntasgd: SGD, then averaged weights once "
+                                         "validation stalls (AWD-LSTM)", choices=OPTIMIZERS)
+    weight_decay: float = setting(0.01, help="weight decay (adamw: decoupled, on matrices; ntasgd: L2 on every parameter)")
+    nonmono: int = setting(5, help="ntasgd: start averaging when validation is worse than the best of all but the last NONMONO epochs")
     warmup: int = setting(100, help="AdamW warm-up steps")
     max_time: float | None = setting(None, help="stop after this many seconds of training, counted across resumes; the best model is kept",
                                      resumable=True)
@@ -144,6 +177,10 @@ class TrainConfig:
         _require(self.bptt >= 1, f"--bptt must be at least 1, got {self.bptt}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be 0 or a positive finite number, got {self.weight_decay}")
+        _require(not (self.variable_bptt and self.shuffle_windows),
+                 "--variable-bptt and --shuffle-windows contradict each other (contiguous windows of varying length vs "
+                 "fixed windows in random order); drop one")
+        _require(self.nonmono >= 1, f"--nonmono must be at least 1, got {self.nonmono}")
         _require(self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}")
         _require(self.max_time is None or self.max_time > 0, f"--max-time must be positive seconds, got {self.max_time}")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,6 +57,7 @@ class EvalResult:
         context: history (tokens) guaranteed to each scored token (exact method), None for naive.
         unk_share: fraction of the split's tokens that were not in the vocabulary and became ``<unk>``
             (None when the caller did not know it, e.g. ids passed directly).
+        settings: the settings of an evaluation-time method (cache pointer, dynamic evaluation), or None.
     """
 
     loss: float
@@ -66,6 +67,7 @@ class EvalResult:
     batch_size: int
     context: int | None
     unk_share: float | None = None
+    settings: dict | None = None
 
     @property
     def ppl(self) -> float:
@@ -89,6 +91,8 @@ class EvalResult:
             out["bpc"] = self.bpc
         if self.unk_share is not None:
             out["unk_share"] = self.unk_share
+        if self.settings is not None:
+            out.update(self.settings)
         return out
 
 
@@ -97,7 +101,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off (and no gradients) while evaluating; the caller's mode is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -143,27 +147,35 @@ def evaluate(
     if context < 0:
         raise ConfigError(f"--context must be 0 or more, got {context}")
     started = time.perf_counter()
-    with _eval_mode(model):
+    with eval_mode(model):
         if layout.carries_state:
             columns = plan_eval_columns(len(ids), batch_size, context, align=layout.align or 1)
             own = columns[ranks.share(len(columns))]
-            total, count = _run_columns(model, ids, own, layout.window) if own else (0.0, 0)
+            total, count = run_columns(model, ids, own, layout.window) if own else (0.0, 0)
         else:
             stride = max(1, layout.window - context)
             targets = sliding_window_targets(len(ids), stride)
             total, count = 0.0, 0
             for first in range(0, len(targets), batch_size)[ranks.share(-(-len(targets) // batch_size))]:
                 group = [sliding_window(t, len(ids), stride, context) for t in targets[first : first + batch_size]]
-                part_total, part_count = _run_columns(model, ids, group, window=max(c.length for c in group))
+                part_total, part_count = run_columns(model, ids, group, window=max(c.length for c in group))
                 total, count = total + part_total, count + part_count
         total, count = ranks.sum([total, count])
     return EvalResult(total / count, int(count), time.perf_counter() - started, "exact", batch_size, context)
 
 
-def _run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn], window: int) -> tuple[float, int]:
+WindowScorer = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
+"""Summed NLL of a window's scored targets from its features ``(w, B, D)``, targets ``(w, B)`` and scored mask
+``(w, B)``; called for every window in order, burn-in included (an evaluation-time method such as the cache
+pointer keeps what it needs from each)."""
+
+
+def run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn], window: int,
+                scorer: WindowScorer | None = None) -> tuple[float, int]:
     """Run the columns side by side in windows, carrying the state; sum the NLL of the scored targets.
 
-    Positions, masks and ids are built one window at a time, so memory does not grow with the split.
+    Positions, masks and ids are built one window at a time, so memory does not grow with the split. ``scorer``
+    replaces the output head's NLL (see :data:`WindowScorer`).
     """
     device = _device_of(model)
     starts = np.array([c.start for c in columns])
@@ -181,6 +193,10 @@ def _run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn
         wanted = np.minimum(np.vstack((position, position[-1:] + 1)), len(ids) - 1)
         window_ids = to_ids_tensor(np.asarray(ids)[wanted], device)  # (w + 1, B)
         features, state = model.features(window_ids[:-1], state)
+        if scorer is not None:
+            count += int(scored.sum())
+            total += scorer(features, window_ids[1:], scored).double()
+            continue
         flat = np.flatnonzero(scored)
         if flat.size == 0:
             continue
@@ -205,7 +221,7 @@ def evaluate_naive(model: LanguageModel, ids: np.ndarray, *, batch_size: int = 1
     device = _device_of(model)
     stream = batchify(np.asarray(ids), batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with _eval_mode(model):
+    with eval_mode(model):
         state = model.init_state(batch_size, device)
         for row in window_starts(len(stream), bptt):
             inputs, targets = get_batch(stream, row, bptt, device)

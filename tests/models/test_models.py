@@ -19,6 +19,9 @@ MODEL_TYPES = [
     pytest.param(dict(model="GRU"), id="GRU"),
     pytest.param(dict(model="Transformer", nhead=2), id="Transformer"),
     pytest.param(dict(model="Transformer", nhead=2, memory=8), id="Transformer-memory"),
+    pytest.param(dict(model="AWD_LSTM", nlayers=2, dropouti=0.1, dropouth=0.1, dropoute=0.05, wdrop=0.2, alpha=1.0, beta=1.0),
+                 id="AWD_LSTM"),
+    pytest.param(dict(model="LSTM", adaptive_softmax=True, cutoffs=(10, 20)), id="LSTM-adaptive-softmax"),
 ]
 
 
@@ -75,9 +78,16 @@ def test_tied_weights_share_storage(settings):
     assert untied.head.weight.data_ptr() != untied.encoder.weight.data_ptr()
 
 
-def test_tying_an_rnn_with_emsize_unequal_to_nhid_is_a_config_error():
-    with pytest.raises(ConfigError, match="--tied needs --emsize equal to --nhid"):
-        ModelConfig(model="LSTM", vocab_size=30, emsize=16, nhid=32, tied=True)
+def test_tying_an_rnn_with_emsize_unequal_to_nhid_projects_to_emsize():
+    model = build_model(_config(model="LSTM", emsize=16, nhid=32, tied=True))
+    assert model.head.weight is model.encoder.weight
+    features, _ = model.features(torch.zeros(5, 2, dtype=torch.long), model.init_state(2))
+    assert features.shape == (5, 2, 16)  # projected from 32 to the embedding's width
+
+
+def test_tied_and_adaptive_softmax_together_is_a_config_error():
+    with pytest.raises(ConfigError, match="--tied and --adaptive-softmax"):
+        ModelConfig(model="LSTM", vocab_size=30, tied=True, adaptive_softmax=True)
 
 
 def test_a_tied_transformer_may_have_any_feed_forward_width():

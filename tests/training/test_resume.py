@@ -34,6 +34,8 @@ SETTINGS = {**TINY_MODEL, "dropout": 0.3, "eval_context": 16, "epochs": 2}
 VARIANTS = {
     "lstm-sgd": {},
     "lstm-adamw": {"optimizer": "adamw", "lr": 3e-3, "warmup": 4},
+    "awd-variable-bptt": {"model": "AWD_LSTM", "variable_bptt": True, "optimizer": "ntasgd", "nonmono": 1, "wdrop": 0.3,
+                          "dropoute": 0.1, "dropouti": 0.2, "alpha": 1.0, "beta": 1.0},
     "transformer-memory": {"model": "Transformer", "memory": 4, "nhead": 2},
 }
 

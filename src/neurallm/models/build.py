@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from neurallm.config import ModelConfig
+from neurallm.models.awd import AWDLSTMLanguageModel
 from neurallm.models.contract import LanguageModel
 from neurallm.models.rnn import RNNLanguageModel
 from neurallm.models.transformer import TransformerLanguageModel
@@ -14,4 +15,6 @@ def build_model(config: ModelConfig) -> LanguageModel:
         raise ValueError("ModelConfig.vocab_size must be set from the vocabulary before building a model")
     if config.model == "Transformer":
         return TransformerLanguageModel(config)
+    if config.model == "AWD_LSTM":
+        return AWDLSTMLanguageModel(config)
     return RNNLanguageModel(config)

@@ -1,4 +1,5 @@
-"""The full-softmax output layer: features → log-probabilities over the vocabulary, and the loss."""
+"""The full-softmax output layer (features → log-probabilities over the vocabulary, and the loss), and the choice
+between it and the adaptive softmax (:mod:`neurallm.models.adaptive`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurallm.config import ModelConfig
+from neurallm.models.adaptive import AdaptiveSoftmaxHead, usable_cutoffs
 from neurallm.models.chunked_softmax import linear_cross_entropy
 from neurallm.models.contract import OutputHead
 
@@ -46,3 +49,12 @@ class SoftmaxHead(OutputHead):
             return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction)
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+def build_head(config: ModelConfig, in_features: int, tied_weight: nn.Parameter | None) -> OutputHead:
+    """The output layer ``config`` asks for: an adaptive softmax with ``--adaptive-softmax``, else a full one.
+
+    A vocabulary smaller than the first cutoff (a character corpus, say) has nothing to cluster: full softmax."""
+    if config.adaptive_softmax and usable_cutoffs(config.cutoffs, config.vocab_size):
+        return AdaptiveSoftmaxHead(in_features, config.vocab_size, config.cutoffs)
+    return SoftmaxHead(in_features, config.vocab_size, tied_weight)

@@ -11,7 +11,7 @@ from torch import nn
 
 from neurallm.config import ModelConfig
 from neurallm.models.contract import EvalLayout, GenerationCache, LanguageModel, State
-from neurallm.models.head import SoftmaxHead
+from neurallm.models.head import build_head
 
 # History every scored token gets in exact evaluation. An LSTM's state forgets within a few hundred tokens,
 # so 512 makes batch sizes 1..80 agree to well under 0.05% (measured in tests/test_evaluation.py).
@@ -20,7 +20,28 @@ DEFAULT_EVAL_CONTEXT = 512
 EVAL_WINDOW = 256
 
 
-class RNNLanguageModel(LanguageModel):
+class RecurrentLanguageModel(LanguageModel):
+    """What every recurrent model shares: the state is all it carries, so evaluation may cut windows anywhere and
+    generation just carries the state."""
+
+    @property
+    def carries_state(self) -> bool:
+        return True
+
+    def eval_layout(self, bptt: int) -> EvalLayout:
+        # reading a text in one window or in many gives the same outputs: the state is all an RNN carries
+        return EvalLayout(carries_state=True, window=max(bptt, EVAL_WINDOW), align=None, default_context=DEFAULT_EVAL_CONTEXT)
+
+    def start_generation(self, batch_size: int, context: int, device: torch.device | str = "cpu") -> GenerationCache:
+        """The cold state; ``context`` does not apply (the state summarises the whole history)."""
+        return GenerationCache(self.init_state(batch_size, device))
+
+    def generation_step(self, ids: torch.Tensor, cache: GenerationCache) -> tuple[torch.Tensor, GenerationCache]:
+        features, state = self.features(ids, cache.tensors)
+        return features, GenerationCache(state, cache.length + ids.size(0))
+
+
+class RNNLanguageModel(RecurrentLanguageModel):
     """Word or character RNN language model (cuDNN kernels on GPU through ``nn.LSTM`` etc.)."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -36,11 +57,10 @@ class RNNLanguageModel(LanguageModel):
             nonlinearity = "tanh" if config.model == "RNN_TANH" else "relu"
             self.rnn = nn.RNN(config.emsize, config.nhid, config.nlayers, nonlinearity=nonlinearity, dropout=rnn_dropout)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        self.head = SoftmaxHead(config.nhid, config.vocab_size, self.encoder.weight if config.tied else None)
-
-    @property
-    def carries_state(self) -> bool:
-        return True
+        # tying with nhid != emsize: a projection nhid → emsize before the shared matrix (Press & Wolf's variant)
+        self.project = nn.Linear(config.nhid, config.emsize, bias=False) if config.tied and config.nhid != config.emsize else None
+        self.head = build_head(config, config.emsize if config.tied else config.nhid,
+                               self.encoder.weight if config.tied else None)
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """A cold (all-zero) state for ``batch_size`` columns: ``(h, c)`` for an LSTM, ``(h,)`` otherwise."""
@@ -54,16 +74,5 @@ class RNNLanguageModel(LanguageModel):
         rnn_state = state if self.config.model == "LSTM" else state[0]
         output, rnn_state = self.rnn(emb, rnn_state)  # (T, B, nhid)
         new_state = tuple(rnn_state) if self.config.model == "LSTM" else (rnn_state,)
-        return self.drop(output), new_state
-
-    def eval_layout(self, bptt: int) -> EvalLayout:
-        # reading a text in one window or in many gives the same outputs: the state is all an RNN carries
-        return EvalLayout(carries_state=True, window=max(bptt, EVAL_WINDOW), align=None, default_context=DEFAULT_EVAL_CONTEXT)
-
-    def start_generation(self, batch_size: int, context: int, device: torch.device | str = "cpu") -> GenerationCache:
-        """The cold state; ``context`` does not apply (the state summarises the whole history)."""
-        return GenerationCache(self.init_state(batch_size, device))
-
-    def generation_step(self, ids: torch.Tensor, cache: GenerationCache) -> tuple[torch.Tensor, GenerationCache]:
-        features, state = self.features(ids, cache.tensors)
-        return features, GenerationCache(state, cache.length + ids.size(0))
+        output = self.drop(output)
+        return (self.project(output) if self.project is not None else output), new_state

@@ -30,7 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from neurallm.config import ModelConfig
 from neurallm.models.contract import EvalLayout, GenerationCache, LanguageModel, State
-from neurallm.models.head import SoftmaxHead
+from neurallm.models.head import SoftmaxHead, build_head
 
 # exact evaluation's least history per scored token (see neurallm.evaluation)
 MIN_STATEFUL_EVAL_CONTEXT = 512
@@ -153,8 +153,8 @@ class TransformerLanguageModel(LanguageModel):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.nlayers))
         self.ln_final = nn.LayerNorm(config.emsize)
         nn.init.normal_(self.encoder.weight, std=0.02)
-        self.head = SoftmaxHead(config.emsize, config.vocab_size, self.encoder.weight if config.tied else None)
-        if not config.tied:
+        self.head = build_head(config, config.emsize, self.encoder.weight if config.tied else None)
+        if isinstance(self.head, SoftmaxHead) and not config.tied:
             nn.init.normal_(self.head.weight, std=0.02)
 
     @property

@@ -43,6 +43,7 @@ from neurallm import __version__
 from neurallm.config import RunConfig
 from neurallm.data.batching import ContiguousBatches, ShuffledWindows, batchify
 from neurallm.data.stream import PreparedCorpus
+from neurallm.data.variable_bptt import VariableWindows
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate
@@ -51,6 +52,7 @@ from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
 from neurallm.training import checkpoint as ckpt
+from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
 from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
 from neurallm.training.progress import IntervalMeter
@@ -184,7 +186,10 @@ class Trainer:
         else:
             # each rank trains its own contiguous columns of the whole --batch-size stream
             own_columns = batchify(train_ids, train.batch_size)[:, ranks.share(train.batch_size)]
-            self.batches = ContiguousBatches(own_columns, train.bptt, self.device)
+            if train.variable_bptt:  # the same seed on every rank: the same window lengths
+                self.batches = VariableWindows(own_columns, train.bptt, train.seed, self.device)
+            else:
+                self.batches = ContiguousBatches(own_columns, train.bptt, self.device)
         self.carry = self.model.carries_state and self.batches.carries_state
         # what a training step calls: the model itself, or a wrapper standing in for it (DDP, torch.compile)
         self.step_model: torch.nn.Module = self.model
@@ -199,7 +204,8 @@ class Trainer:
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
         self.flops_per_token = model_flops_per_token(config.model, train.bptt, sum(p.numel() for p in self.model.parameters()))
         self.peak_flops = bf16_peak_flops(self.device)
-        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches))
+        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches), nonmono=train.nonmono)
+        self.average = ParameterAverage(self.model)  # NT-ASGD's averaged weights (inactive otherwise)
         self.epoch = 0  # completed epochs
         self.window = 0  # next window of the current epoch
         self.elapsed = 0.0  # seconds of training over all resumes
@@ -237,6 +243,7 @@ class Trainer:
 
     def _write_last(self, per_rank: list[tuple[dict, dict[str, torch.Tensor], list]]) -> None:
         optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
+        average_json, average_tensors = self.average.to_state()  # the same on every rank: rank 0's are kept
         (rng_json, rank_tensors, epoch_loss), *others = per_rank
         for rank, (_, tensors, _) in enumerate(others, start=1):
             rank_tensors = {**rank_tensors, **{f"{_rank_prefix(rank)}{k}": v for k, v in tensors.items()}}
@@ -250,6 +257,7 @@ class Trainer:
             "epoch_loss": epoch_loss,
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
+            "average": average_json,
             "rng": rng_json,
             "rank_rng": [rng for rng, _, _ in others],  # ranks 1.. (rank 0's is "rng")
             "rank_epoch_loss": [loss for _, _, loss in others],  # and "epoch_loss"
@@ -257,7 +265,7 @@ class Trainer:
             "metrics": self.metrics,
             "data_key": self.data.meta["key"],
         }
-        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rank_tensors, **optim_tensors}))
+        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rank_tensors, **optim_tensors, **average_tensors}))
         ckpt.write_metrics(self.run_dir, self.metrics)
 
     def restore_last(self, *, full: bool) -> None:
@@ -292,10 +300,11 @@ class Trainer:
         epoch_loss = info.get("epoch_loss", [0.0, 0]) if self.ranks.is_main else info["rank_epoch_loss"][self.ranks.rank - 1]
         self.tracker.reset(*epoch_loss)
         saved = Schedule.from_dict(info["schedule"])
-        # --epochs may have been raised: the cosine schedule stretches to the new end
-        saved.total_steps = self.config.train.epochs * len(self.batches)
+        # --epochs or --max-time may have been raised: the cosine schedule stretches to the new end
+        saved.resumed(self.config.train.epochs * len(self.batches), self.config.train.max_time)
         self.schedule = saved
         self.metrics = info["metrics"]
+        self.average.load_state(info.get("average"), state.tensors)
         prefix = _rank_prefix(self.ranks.rank)
         own = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)} if prefix else state.tensors
         restore_rng_state(info["rng"] if self.ranks.is_main else info["rank_rng"][self.ranks.rank - 1], own)
@@ -306,14 +315,16 @@ class Trainer:
 
     def save_best(self, valid_loss: float) -> None:
         if self.ranks.is_main:
-            ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
+            with self.average.applied():  # NT-ASGD: the averaged weights are the model
+                ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
 
     # --- training ----------------------------------------------------------------------------------------
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutcome:
         """One optimisation step on a window, starting from the carried state or a cold one."""
         state = self.state if self.carry else self.model.init_state(inputs.size(1), self.device)
-        self.schedule.apply(self.optimizer)
+        # variable-length BPTT: a window's share of the learning rate is its share of the mean length
+        self.schedule.apply(self.optimizer, inputs.size(0) / self.config.train.bptt if self.config.train.variable_bptt else 1.0)
         # under DDP the ranks must all take the update or all skip it: the fault check decides that together
         outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
                                 skip_nonfinite=self.check_interval == 1 and not self.ranks.distributed,
@@ -384,6 +395,7 @@ class Trainer:
         self.model.train()
         progress = _Progress(self, len(self.batches))
         tokens, stopped_by = 0, None
+        train = self.config.train
         last_save = time.perf_counter()
         for inputs, targets in self.batches.epoch(self.epoch, self.window):
             step_started = time.perf_counter()
@@ -394,7 +406,10 @@ class Trainer:
                 continue
             # an accelerator learns of a fault only at the next check; its schedule then counts the faulty step
             self.schedule.after_step()
+            self.average.update()
             self.elapsed += time.perf_counter() - step_started
+            if train.max_time is not None:
+                self.schedule.fit_to_time(self.elapsed, train.max_time)
             tokens += inputs.numel()
             progress.advance(tokens)
             stopped_by, save_now = self._decide(stop, due, time.perf_counter() - last_save >= self.save_every)
@@ -435,7 +450,9 @@ class Trainer:
 
         Also runs after a --max-time stop in the middle of an epoch (recorded as incomplete)."""
         self._check_faults()
-        valid = self.evaluate_split("valid")
+        train = self.config.train
+        with self.average.applied():  # NT-ASGD validates (and keeps as best) the averaged weights
+            valid = self.evaluate_split("valid")
         epoch_done = self.window >= len(self.batches)
         if epoch_done:
             self.epoch += 1
@@ -463,6 +480,9 @@ class Trainer:
             # only whole epochs drive the schedule, so a run stopped by --max-time and extended later anneals
             # exactly as an uninterrupted one
             self.schedule.after_validation(valid.loss)
+            if self.schedule.averaging and not self.average.active:
+                self.average.start()
+                logger.info(f"NT-ASGD: validation stalled (--nonmono {train.nonmono}); averaging the weights from now on")
         if valid.loss < self.best_valid_loss:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)

@@ -1,0 +1,67 @@
+"""Named bundles of settings: ``neurallm train --preset NAME``; flags given explicitly override the bundle.
+
+Each preset is a plain dict of setting names (the fields of :mod:`neurallm.config`) to values, so it is checked
+by the same ``__post_init__`` rules as flags. The README's "Presets" table lists them with measured results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neurallm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A documented bundle of settings.
+
+    Attributes:
+        summary: one line for ``--help`` and the README.
+        settings: setting name → value.
+    """
+
+    summary: str
+    settings: dict
+
+
+# The PyTorch example's three documented configurations (its README: 200/650/1500 units, dropout 0.2/0.5/0.65).
+_PE = dict(model="LSTM", nlayers=2, lr=20.0, clip=0.25, epochs=40, batch_size=20, bptt=35, optimizer="sgd")
+# AWD-LSTM's published settings (Merity et al. 2018, the salesforce/awd-lstm-lm README): 3 layers 1150 wide,
+# a 400-wide tied embedding, NT-ASGD at lr 30, every regulariser on.
+_AWD = dict(model="AWD_LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, dropout=0.4, dropoute=0.1, wdrop=0.5,
+            alpha=2.0, beta=1.0, lr=30.0, clip=0.25, bptt=70, variable_bptt=True, weight_decay=1.2e-6, optimizer="ntasgd", nonmono=5)
+
+PRESETS: dict[str, Preset] = {
+    "pe-small": Preset("PyTorch example, small: 2x200 LSTM, dropout 0.2, SGD lr 20",
+                       {**_PE, "emsize": 200, "nhid": 200, "dropout": 0.2}),
+    "pe-medium": Preset("PyTorch example, medium: 2x650 LSTM, dropout 0.5, SGD lr 20",
+                        {**_PE, "emsize": 650, "nhid": 650, "dropout": 0.5}),
+    "pe-large": Preset("PyTorch example, large: 2x1500 LSTM, dropout 0.65, SGD lr 20",
+                       {**_PE, "emsize": 1500, "nhid": 1500, "dropout": 0.65}),
+    "awd-wt2": Preset("AWD-LSTM paper, WikiText-2: 3-layer AWD_LSTM 1150/400 tied, NT-ASGD lr 30, batch 80, 750 epochs",
+                      {**_AWD, "dropouti": 0.65, "dropouth": 0.2, "batch_size": 80, "epochs": 750, "seed": 1882}),
+    "awd-ptb": Preset("AWD-LSTM paper, Penn Treebank: as awd-wt2 with dropouti 0.4, dropouth 0.25, batch 20, 500 epochs",
+                      {**_AWD, "dropouti": 0.4, "dropouth": 0.25, "batch_size": 20, "epochs": 500, "seed": 141}),
+    "cpu-fast": Preset("a few CPU minutes on a word corpus: 1x256 LSTM, adaptive softmax 2000,6000, AdamW 3e-3 "
+                       "annealed to --max-time",
+                       dict(model="LSTM", emsize=256, nhid=256, nlayers=1, dropout=0.3, adaptive_softmax=True,
+                            cutoffs=(2000, 6000), optimizer="adamw", lr=3e-3, epochs=50)),
+    "char-small": Preset("characters (tinyshakespeare): 2x256 LSTM, dropout 0.2, AdamW 2e-3, bptt 100",
+                         dict(model="LSTM", emsize=128, nhid=256, nlayers=2, dropout=0.2, optimizer="adamw", lr=2e-3,
+                              batch_size=32, bptt=100, epochs=10, level="char")),
+}
+
+
+def with_preset(name: str | None, given: dict) -> dict:
+    """The settings of preset ``name`` overridden by the ``given`` ones (``name`` None: ``given`` alone)."""
+    if name is None:
+        return dict(given)
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name].settings, **given}
+
+
+def presets_help() -> str:
+    """The ``--preset`` help text: every preset and what it sets."""
+    return "a bundle of settings that explicit flags override: " + "; ".join(
+        f"{name}: {preset.summary}" for name, preset in PRESETS.items())
