@@ -23,7 +23,7 @@ from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, loa
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError, DataError
-from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
+from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
 from neurallm.runtime import keep_freed_memory, log_line, pick_device
@@ -190,6 +190,7 @@ class Run:
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
         result.unk_share = unk_share(corpus, split)
+        with_text_units(result, corpus.meta["splits"][split])
         if result.unk_share > UNK_WARN_SHARE:
             where = corpus.meta.get("source", {}).get("data", data)
             logger.warning(

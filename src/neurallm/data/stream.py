@@ -19,6 +19,7 @@ import numpy as np
 
 from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceSettings, open_corpus
+from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
@@ -28,7 +29,7 @@ from neurallm.settings import setting
 
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-split bytes and chars in meta.json (for bits per byte), BPE
 _CHUNK = 1 << 16  # tokens encoded per write
 
 
@@ -82,6 +83,7 @@ def load_prepared(folder: Path) -> PreparedCorpus:
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{folder / META_FILE} cannot be read ({exc}); run `neurallm prepare` again") from None
     vocab = Vocab.from_json((folder / VOCAB_FILE).read_text(encoding="utf-8"), folder / VOCAB_FILE)
+    vocab.bpe = load_bpe_beside(folder)
     missing = [s for s in SPLITS if not (folder / f"{s}.npy").is_file()]
     if missing:
         raise DataError(f"{folder}: prepared corpus lacks {', '.join(missing)}.npy; run `neurallm prepare` again")
@@ -118,6 +120,10 @@ def prepare_corpus(
             log(f"{folder} holds a corpus prepared with other settings; replacing it")
     folder.mkdir(parents=True, exist_ok=True)
 
+    if vocab is None and tokenizer.level == "bpe":
+        # the merges are learned from the train split only: valid and test text must not shape the tokens
+        bpe = BPE.train((line.lower() if tokenizer.lowercase else line for line in corpus.lines("train")), tokenizer.vocab_size)
+        vocab = Vocab(bpe.vocabulary(), bpe=bpe)
     if vocab is None:
         counts = Counter()
         for line in corpus.lines("train"):
@@ -138,6 +144,8 @@ def prepare_corpus(
         "splits": splits,
     }
     atomic_write_text(folder / VOCAB_FILE, vocab.to_json())
+    if vocab.bpe is not None:
+        atomic_write_text(folder / TOKENIZER_FILE, vocab.bpe.to_json())
     atomic_write_json(folder / META_FILE, meta)  # written last: its presence marks the folder complete
     for split, counts_ in splits.items():
         log(f"{split}: {counts_['tokens']:,} tokens, {counts_['unk']:,} replaced by <unk>")
@@ -145,15 +153,18 @@ def prepare_corpus(
 
 
 def _encode_split(corpus: Corpus, split: str, tokenizer: TokenizerSettings, vocab: Vocab, path: Path) -> dict:
-    """Encode one split chunk by chunk into ``path`` (a .npy file); return its token and <unk> counts."""
+    """Encode one split chunk by chunk into ``path`` (a .npy file); return its token and <unk> counts, and the
+    characters and UTF-8 bytes of its text (each line with its line break), the units of bits per byte."""
     dtype = vocab.id_dtype()
-    n_tokens = n_unk = 0
+    n_tokens = n_unk = n_chars = n_bytes = 0
     with tempfile.TemporaryFile(dir=path.parent) as raw:
         buffer: list[int] = []
         for line in corpus.lines(split):
-            ids, unknown = vocab.encode(tokenize_line(line, tokenizer))
+            ids, unknown = vocab.encode(tokenize_line(line, tokenizer, vocab.bpe))
             buffer.extend(ids)
             n_unk += unknown
+            n_chars += len(line) + 1
+            n_bytes += len(line.encode("utf-8")) + 1
             if len(buffer) >= _CHUNK:
                 raw.write(np.asarray(buffer, dtype=dtype).tobytes())
                 n_tokens += len(buffer)
@@ -171,4 +182,4 @@ def _encode_split(corpus: Corpus, split: str, tokenizer: TokenizerSettings, voca
             out.flush()
             del out
         del source
-    return {"tokens": n_tokens, "unk": n_unk}
+    return {"tokens": n_tokens, "unk": n_unk, "chars": n_chars, "bytes": n_bytes}

@@ -6,6 +6,8 @@ Two levels:
   a line break is a token the model learns to predict. ``lowercase`` and ``strip_punctuation`` reproduce the
   news-tutorial preprocessing.
 * ``char``: every character is a token and a line break is the token ``"\\n"``.
+* ``bpe``: byte-level BPE subwords learned from the train split (:mod:`neurallm.data.bpe`); the line break is
+  encoded with each line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import string
 from dataclasses import asdict, dataclass
 
+from neurallm.data.bpe import BPE
 from neurallm.settings import setting
 
 EOS = "<eos>"
@@ -23,14 +26,18 @@ UNK = "<unk>"
 # WikiText writes its own markers as " @-@ " etc.; stripping leaves their neighbours as separate words too.
 _PUNCTUATION = re.compile("[" + re.escape(string.punctuation) + "]+")
 _MARKERS = re.compile(f"({re.escape(UNK)}|{re.escape(EOS)})")
-LEVELS = ("word", "char")
+LEVELS = ("word", "char", "bpe")
+DEFAULT_BPE_VOCAB = 4096
 
 
 @dataclass(frozen=True)
 class TokenizerSettings:
     """How text becomes tokens; saved with every prepared corpus and every run (each field's ``help`` documents it)."""
 
-    level: str = setting("word", help="word: whitespace split, <eos> at each line end; char: characters", choices=LEVELS)
+    level: str = setting("word", help="word: whitespace split, <eos> at each line end; char: characters; "
+                         "bpe: byte-level BPE learned from the train split", choices=LEVELS, aliases=("--tokenizer",))
+    bpe_vocab_size: int | None = setting(None, help="BPE vocabulary size, <unk> and the 256 bytes included (--tokenizer bpe only)",
+                                         flag="--vocab-size", default_text=f"{DEFAULT_BPE_VOCAB} with --tokenizer bpe")
     lowercase: bool = setting(False, help="lowercase the text before splitting")
     # The special tokens <unk> and <eos> written in a corpus survive --strip-punctuation.
     strip_punctuation: bool = setting(False, help="replace ASCII punctuation by spaces (word level only)")
@@ -39,9 +46,19 @@ class TokenizerSettings:
         from neurallm.errors import ConfigError
 
         if self.level not in LEVELS:
-            raise ConfigError(f"--level must be 'word' or 'char', got {self.level!r}")
-        if self.level == "char" and self.strip_punctuation:
-            raise ConfigError("--strip-punctuation applies to --level word only; drop it for --level char")
+            raise ConfigError(f"--level (--tokenizer) must be 'word', 'char' or 'bpe', got {self.level!r}")
+        if self.level != "word" and self.strip_punctuation:
+            raise ConfigError(f"--strip-punctuation applies to --level word only; drop it for --level {self.level}")
+        if self.bpe_vocab_size is not None and self.level != "bpe":
+            raise ConfigError(f"--vocab-size sets the size of a BPE vocabulary; use it with --tokenizer bpe "
+                              f"(--max-vocab caps a {self.level} vocabulary)")
+        if self.bpe_vocab_size is not None and self.bpe_vocab_size < 258:
+            raise ConfigError(f"--vocab-size must be at least 258 (<unk>, the 256 bytes and one merge), got {self.bpe_vocab_size}")
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the BPE vocabulary to learn."""
+        return self.bpe_vocab_size or DEFAULT_BPE_VOCAB
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,10 +70,17 @@ def _strip_punctuation(line: str) -> str:
     return "".join(part if i % 2 else _PUNCTUATION.sub(" ", part) for i, part in enumerate(parts))
 
 
-def tokenize_line(line: str, settings: TokenizerSettings) -> list[str]:
-    """Tokens of one line of text (without its line break), end-of-line token included."""
+def tokenize_line(line: str, settings: TokenizerSettings, bpe: BPE | None = None) -> list[str]:
+    """Tokens of one line of text (without its line break), end-of-line token included.
+
+    ``bpe``: the trained BPE, needed at level ``bpe`` (a vocabulary read from disk carries it as ``vocab.bpe``).
+    """
     if settings.lowercase:
         line = line.lower()
+    if settings.level == "bpe":
+        if bpe is None:
+            raise ValueError("level 'bpe' needs the trained BPE (vocab.bpe)")  # a programming error, not a user's
+        return bpe.tokens(line)
     if settings.level == "char":
         return list(line) + ["\n"]
     if settings.strip_punctuation:
@@ -64,8 +88,17 @@ def tokenize_line(line: str, settings: TokenizerSettings) -> list[str]:
     return line.split() + [EOS]
 
 
-def detokenize(tokens: list[str], level: str) -> str:
+def line_break_token(settings: TokenizerSettings, bpe: BPE | None = None) -> str:
+    """The token that ends a line: what a document's first token is conditioned on."""
+    if settings.level == "bpe" and bpe is not None:
+        return bpe.tokens("")[-1]
+    return EOS if settings.level == "word" else "\n"
+
+
+def detokenize(tokens: list[str], level: str, bpe: BPE | None = None) -> str:
     """Text for a list of tokens: ``<eos>`` becomes a line break, words are joined by spaces."""
+    if level == "bpe" and bpe is not None:
+        return bpe.detokenize(tokens)
     if level == "char":
         return "".join(tokens)
     out: list[str] = []

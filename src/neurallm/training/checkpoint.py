@@ -5,6 +5,7 @@
     RUN/
       config.json        all settings (data, tokenizer, vocabulary, model, training)
       vocab.json         the vocabulary
+      tokenizer.json     the trained BPE (--tokenizer bpe only; the tokenizers library's format)
       model.safetensors  weights with the best validation loss so far
       last.safetensors   latest weights + optimizer, schedule, RNG states, data position, carried state
       metrics.jsonl      one JSON line per epoch
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neurallm.config import RunConfig
+from neurallm.data.bpe import TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError, RunDirError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
@@ -82,6 +84,8 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 def write_run_files(folder: Path, config: RunConfig, vocab: Vocab) -> None:
     atomic_write_text(Path(folder) / VOCAB_FILE, vocab.to_json())
+    if vocab.bpe is not None:
+        atomic_write_text(Path(folder) / TOKENIZER_FILE, vocab.bpe.to_json())
     atomic_write_json(Path(folder) / CONFIG_FILE, config.to_dict())
 
 
@@ -107,7 +111,9 @@ def read_vocab(folder: Path) -> Vocab:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path} cannot be read ({exc}); the run directory is incomplete") from None
-    return Vocab.from_json(text, path)
+    vocab = Vocab.from_json(text, path)
+    vocab.bpe = load_bpe_beside(folder)
+    return vocab
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from neurallm.config import RunConfig
 from neurallm.data.batching import ContiguousBatches, ShuffledWindows, batchify
 from neurallm.data.stream import PreparedCorpus
 from neurallm.errors import TrainingError
-from neurallm.evaluation import EvalResult, evaluate
+from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
@@ -265,7 +265,8 @@ class Trainer:
     def evaluate_split(self, split: str) -> EvalResult:
         """Exact evaluation of the current weights on ``split`` (in eval mode; the mode is restored)."""
         train = self.config.train
-        return evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
+        result = evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
+        return with_text_units(result, self.data.meta["splits"][split])
 
     def run(self, *, resume: bool = False) -> TrainResult:
         train = self.config.train
@@ -359,6 +360,8 @@ class Trainer:
         }
         if self.config.tokenizer.level == "char":
             record["valid_bpc"] = valid.bpc
+        if valid.bpb is not None:
+            record["valid_bpb"] = valid.bpb
         self.metrics.append(record)
         if epoch_done:
             # only whole epochs drive the schedule, so a run stopped by --max-time and extended later anneals
@@ -384,5 +387,6 @@ class Trainer:
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
         ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
+        bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
         self.log(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
