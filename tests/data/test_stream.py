@@ -32,7 +32,7 @@ def test_prepare_writes_id_streams_vocab_and_meta(tiny_corpus, tmp_path):
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["key"] == prepared.meta["key"]
     assert meta["vocab_size"] == len(prepared.vocab) == len(json.loads((out / "vocab.json").read_text())["tokens"])
-    assert meta["tokenizer"] == {"level": "word", "lowercase": False, "strip_punctuation": False}
+    assert meta["tokenizer"] == {"level": "word", "bpe_vocab_size": None, "lowercase": False, "strip_punctuation": False}
     for split in SPLITS:
         assert meta["splits"][split]["tokens"] == len(prepared.ids(split))
         assert meta["splits"][split]["unk"] == 0
