@@ -144,10 +144,10 @@ def unk_share(corpus: PreparedCorpus, split: str) -> float:
 
 
 def warn_if_many_unknown(share: float, what: str) -> None:
-    """Log a warning when more than :data:`UNK_WARN_SHARE` of the tokens of ``what`` became ``<unk>``."""
+    """Log a warning when more than :data:`UNK_WARN_SHARE` of ``what`` (tokens, named) became ``<unk>``."""
     if share > UNK_WARN_SHARE:
         logger.warning(
-            f"warning: {share:.1%} of the tokens of {what} are not in the run's vocabulary and were scored as <unk>, "
+            f"warning: {share:.1%} of the {what} are not in the run's vocabulary and were scored as <unk>, "
             "which makes perplexity look better than it is; compare perplexities only at similar <unk> shares"
         )
 
@@ -201,7 +201,7 @@ class Run:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
         result.unk_share = unk_share(corpus, split)
         with_text_units(result, corpus.meta["splits"][split])
-        warn_if_many_unknown(result.unk_share, f"the {split} split of {corpus.meta.get('source', {}).get('data', data)}")
+        warn_if_many_unknown(result.unk_share, f"{split} tokens of {corpus.meta.get('source', {}).get('data', data)}")
         return result
 
     def score(self, texts: list[str], *, independent: bool = False, context: int | None = None) -> list[TextScore]:
@@ -215,7 +215,7 @@ class Run:
         scores = score_texts(self.model, self.vocab, self.config.tokenizer, list(texts), independent=independent,
                              bptt=self.config.train.bptt, context=context)
         tokens = sum(len(score.tokens) for score in scores)
-        warn_if_many_unknown(sum(score.unknown for score in scores) / max(1, tokens), "the scored text")
+        warn_if_many_unknown(sum(score.unknown for score in scores) / max(1, tokens), "scored tokens")
         return scores
 
     def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",

@@ -196,8 +196,8 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         from neurallm.export import export_onnx
     except ModuleNotFoundError as exc:
         if exc.name != "neurallm.export":
-            raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
-        raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+            raise ConfigError(f"ONNX export needs the package {exc.name}: pip install 'neurallm[onnx]'") from None
+        raise
     return export_onnx
 
 
@@ -280,10 +280,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_score_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--text", help="the text to score; its lines are scored one by one")
-    given.add_argument("--file", metavar="F", help="a UTF-8 text file to score, line by line")
-    given.add_argument("--jsonl", metavar="F", help="a JSONL file: one record per line, its text under --text-field")
-    p.add_argument("--text-field", metavar="K", help="JSONL key holding each record's text (required with --jsonl)")
+    given.add_argument("--text", help="the text to score; its lines are scored one by one (default: none)")
+    given.add_argument("--file", metavar="F", help="a UTF-8 text file to score, line by line (default: none)")
+    given.add_argument("--jsonl", metavar="F", help="a JSONL file: one record per line, its text under --text-field (default: none)")
+    p.add_argument("--text-field", metavar="K", help="JSONL key holding each record's text (required with --jsonl) (default: none)")
     p.add_argument("--independent", action="store_true",
                    help="score each line alone (a cold state) instead of with the lines before it as context")
     _add_context_flag(p, "the model's, as eval (RNNs carry their whole history)")
@@ -328,6 +328,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         share = score.unknown / max(1, len(score.tokens))
         print(f"total: logprob {score.logprob:.3f} | tokens {len(score.tokens):,} | ppl {score.ppl:.2f} | <unk> {share:.1%}",
               file=sys.stderr)
+    return 0
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write (required)")
+    _add_checkpoint_flag(p)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    export_onnx = _onnx_exporter()
+    print(f"exported {args.run} to {export_onnx(Path(args.run), Path(args.onnx), checkpoint=args.checkpoint)} (ONNX)")
     return 0
 
 
@@ -412,6 +424,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("evaluate a run: loss, perplexity, tokens scored (bpc at char level)", add_eval_flags, cmd_eval),
     "generate": Subcommand("sample text from a run", add_generate_flags, cmd_generate),
     "score": Subcommand("log-probability, token count and perplexity of each line of a text", add_score_flags, cmd_score),
+    "export": Subcommand("export a run's model to ONNX, its state as explicit inputs and outputs", add_export_flags, cmd_export),
     "explain": Subcommand("show how a text is batchified and cut into BPTT windows", add_explain_flags, cmd_explain),
     "datasets": Subcommand("list the registered datasets and where each is found", add_datasets_flags, cmd_datasets),
     "serve": Subcommand("serve a run: a web page and an HTTP API (generate, stream, score)", add_serve_flags, cmd_serve),

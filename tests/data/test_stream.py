@@ -129,7 +129,9 @@ def test_unk_substitutions_of_valid_and_test_are_in_meta(tmp_path):
     (corpus / "valid.txt").write_text("a x y\n", encoding="utf-8")
     (corpus / "test.txt").write_text("z b\n", encoding="utf-8")
     meta = json.loads((_prepare(corpus, tmp_path / "p").folder / "meta.json").read_text(encoding="utf-8"))
-    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0}, "valid": {"tokens": 4, "unk": 2}, "test": {"tokens": 3, "unk": 1}}
+    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0, "chars": 6, "bytes": 6},
+                              "valid": {"tokens": 4, "unk": 2, "chars": 6, "bytes": 6},
+                              "test": {"tokens": 3, "unk": 1, "chars": 4, "bytes": 4}}  # each line with its line break
 
 
 def test_ag_news_prepares_with_the_news_preprocessing(shared_data, tmp_path):

@@ -92,12 +92,34 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _tqdm_class():
+    """tqdm's notebook bar where it can draw (Jupyter with ipywidgets), its console bar everywhere else.
+
+    ``tqdm.auto`` in a Jupyter kernel without ipywidgets warns (TqdmWarning / TqdmExperimentalWarning) and draws
+    nothing; the console class with ``disable`` set (stderr is no terminal there) lets the plain progress lines
+    show instead.
+    """
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm import tqdm
+
+        return tqdm
+    import warnings
+
+    from tqdm import TqdmExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmExperimentalWarning)
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 class _Progress:
     """The epoch's progress bar (tqdm); the loss it shows is refreshed every --log-interval windows."""
 
     def __init__(self, trainer: "Trainer", total: int) -> None:
-        from tqdm.auto import tqdm
-
+        tqdm = _tqdm_class()
         self.trainer = trainer
         self.started = time.perf_counter()
         train = trainer.config.train
