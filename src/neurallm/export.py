@@ -59,7 +59,7 @@ def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = 
     try:
         import onnx
     except ModuleNotFoundError:
-        raise ConfigError("--onnx needs the packages onnx and onnxscript: pip install 'neurallm[onnx]'") from None
+        raise ConfigError("--onnx needs the package onnx: pip install 'neurallm[onnx]'") from None
     out_file = Path(out_file)
     if not out_file.resolve().parent.is_dir():
         raise ConfigError(f"--onnx {out_file}: the folder {out_file.parent} does not exist; create it or name another file")
