@@ -69,7 +69,7 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained-run")
     corpus = write_patterned_corpus(root / "corpus", lines=200)
     settings = {**TINY_MODEL, "epochs": 2}
-    neurallm.train(corpus, root / "run", progress=False, log=lambda message: None, **settings)
+    neurallm.train(corpus, root / "run", progress=False, **settings)
     return root / "run"
 
 

@@ -87,7 +87,18 @@ def _out_is_file(tmp: Path) -> None:
 
 def _char_prepared(tmp: Path) -> None:
     _corpus(tmp)
-    neurallm.prepare(tmp / "corpus", tmp / "char-prepared", level="char", log=lambda message: None)
+    neurallm.prepare(tmp / "corpus", tmp / "char-prepared", level="char")
+
+
+def _mixed_prepared(tmp: Path) -> None:
+    """A prepared folder whose train.npy comes from another corpus: what an interrupted re-prepare left before."""
+    neurallm.prepare(write_patterned_corpus(tmp / "corpus-a", lines=60, seed=1), tmp / "mixed")
+    neurallm.prepare(write_patterned_corpus(tmp / "corpus-b", lines=90, seed=2), tmp / "other")
+    (tmp / "mixed" / "train.npy").write_bytes((tmp / "other" / "train.npy").read_bytes())
+
+
+def _late_bad_byte(tmp: Path) -> None:
+    (tmp / "late.txt").write_bytes(b"fine text here\n" * 20_000 + b"caf\xe9\n" + b"more text\n" * 10)
 
 
 def train_on(data: str, *flags: str, out: str = "{tmp}/run") -> list[str]:
@@ -144,6 +155,16 @@ CASES = [
     ("resume-not-a-run", ["train", "--out", "{tmp}/plain", "--resume"], _plain_folder, "is not a neurallm run directory"),
     ("prepared-data-with-level", train_on("char-prepared", "--level", "word"), _char_prepared,
      "is already prepared; its tokenizer and reading settings are fixed, so drop --level"),
+    ("bad-byte-offset-in-file", train_on("late.txt"), _late_bad_byte, "byte 300003 of the file"),
+    # prepared folders
+    ("prepare-out-foreign-folder", ["prepare", "--data", "{tmp}/corpus", "--out", "{tmp}/notes"], _stray_folder,
+     "--out {tmp}/notes holds files prepare did not write (todo.txt)"),
+    ("prepare-out-is-a-run", ["prepare", "--data", "{tmp}/corpus", "--out", "{run}"], _corpus,
+     "prepare writes only into a new or empty folder or its own earlier output"),
+    ("prepare-out-is-file", ["prepare", "--data", "{tmp}/corpus", "--out", "{tmp}/run.txt"], _out_is_file,
+     "--out {tmp}/run.txt is a file"),
+    ("prepared-folder-mixes-corpora", train_on("mixed"), _mixed_prepared,
+     "mixed/train.npy does not match {tmp}/mixed/meta.json"),
     # run directories
     ("out-is-run", train_on("corpus", out="{run}"), _corpus, "use --resume to continue it or --force to replace it"),
     ("out-not-empty", train_on("corpus", out="{tmp}/notes"), _stray_folder, "is a non-empty folder that is not a neurallm run"),
@@ -176,7 +197,7 @@ def word_run(tmp_path_factory) -> Path:
     """A trained word-level run (one tiny epoch) that the eval/generate/resume cases point at."""
     root = tmp_path_factory.mktemp("bad-input-run")
     corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", log=lambda message: None, **{**TINY_MODEL, "eval_context": 8})
+    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
     return root / "run"
 
 
@@ -193,7 +214,7 @@ def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_ru
     assert code == 1
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"neurallm {argv[0]}: error: ")
-    assert expected in err
+    assert expected.format(tmp=tmp_path) in err
     assert "Traceback" not in err
 
 

@@ -32,7 +32,7 @@ def trained_lstm(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("eval")
     corpus = write_patterned_corpus(folder / "corpus", lines=400)
-    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, log=lambda m: None, **TINY_MODEL)
+    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, **TINY_MODEL)
     run = neurallm.load_run(folder / "run")
     return run, run.eval_data().ids("test")
 

@@ -155,3 +155,15 @@ def test_color_follows_the_terminal_and_no_color(monkeypatch):
     assert not should_use_color(FakeStream(tty=False))
     monkeypatch.setenv("NO_COLOR", "1")
     assert not should_use_color(FakeStream(tty=True))
+
+
+@pytest.mark.parametrize("n_tokens, batch_size", [(26, 4), (40, 6), (41, 8), (7, 3)])
+def test_the_drawn_layout_is_what_batchify_cuts(n_tokens, batch_size):
+    """explain draws without torch; its layout must stay the one training uses."""
+    import torch
+
+    from neurallm.data.batching import batchify
+    from neurallm.explain import _layout
+
+    tokens = [str(i) for i in range(n_tokens)]
+    assert _layout(tokens, batch_size) == batchify(torch.arange(n_tokens), batch_size).tolist()

@@ -27,7 +27,7 @@ def corpus(tmp_path_factory):
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_matches_pytorch_over_windows_of_different_lengths(name, corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    neurallm.train(corpus, run_dir, progress=False, log=lambda message: None, **{**TINY_MODEL, **MODELS[name]})
+    neurallm.train(corpus, run_dir, progress=False, **{**TINY_MODEL, **MODELS[name]})
     assert main(["export", str(run_dir), "--onnx", str(tmp_path / "m.onnx")]) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     run = neurallm.load_run(run_dir, device="cpu")
@@ -52,7 +52,7 @@ def test_onnx_matches_pytorch_over_windows_of_different_lengths(name, corpus, tm
 
 def test_greedy_generation_from_the_onnx_file_matches_neurallm_generate(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    neurallm.train(corpus, run_dir, progress=False, log=lambda message: None, **TINY_MODEL)
+    neurallm.train(corpus, run_dir, progress=False, **TINY_MODEL)
     export_onnx(run_dir, tmp_path / "m.onnx")
     text = generate_onnx(tmp_path / "m.onnx", run_dir, "the cat", tokens=12, temperature=0)
     assert text == neurallm.load_run(run_dir).generate("the cat", tokens=12, temperature=0).text

@@ -44,7 +44,7 @@ def test_curves_are_redrawn_after_every_epoch_with_the_metrics_so_far(tmp_path, 
 
     monkeypatch.setattr(loop, "write_run_curves", spy)
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=60)
-    neurallm.train(corpus, tmp_path / "run", progress=False, log=lambda message: None, **{**TINY_MODEL, "epochs": 2})
+    neurallm.train(corpus, tmp_path / "run", progress=False, **{**TINY_MODEL, "epochs": 2})
     assert drawn == [[1], [1, 2]]
     assert (tmp_path / "run" / "curves.png").is_file()
 
@@ -85,3 +85,14 @@ def test_character_runs_and_mixed_levels_plot_too(levels, tmp_path):
     runs = [Curves.from_metrics(f"run{i}", level, records) for i, level in enumerate(levels)]
     out = plot_curves(runs, tmp_path / "curves.png")
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_is_a_light_command_that_never_imports_torch(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from neurallm.cli import main; "
+            f"assert main(['plot', {str(trained_run)!r}, '--out', {str(tmp_path / 'c.png')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'plot imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG_MAGIC)

@@ -86,3 +86,11 @@ def test_character_level_texts_score_every_character_and_line_break():
     assert scored.tokens == ["a", "b", "\n", "b", "a", "\n"]
     ids = np.asarray(chars.encode(["\n"] + scored.tokens)[0])
     assert scored.loss == pytest.approx(evaluate(net, ids, batch_size=1, bptt=4).loss, rel=1e-5)
+
+
+def test_scoring_turns_dropout_off_and_gives_the_callers_mode_back():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(model="LSTM", vocab_size=len(VOCAB), emsize=16, nhid=16, nlayers=2, dropout=0.5)).train()
+    first = score_texts(net, VOCAB, WORD, [TEXT], bptt=6)[0].logprobs
+    assert net.training
+    assert score_texts(net, VOCAB, WORD, [TEXT], bptt=6)[0].logprobs == pytest.approx(first)  # no dropout noise

@@ -79,6 +79,13 @@ def test_generate_names_the_prompt_words_outside_the_vocabulary(client):
     assert answer["prompt_unknown"] == ["zebra", "quokka"]
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_an_error(client, temperature):
+    greedy = client.post("/api/generate", json={"tokens": 8, "temperature": 0}).json()["text"]
+    answer = client.post("/api/generate", json={"tokens": 8, "temperature": temperature})
+    assert answer.status_code == 200 and answer.json()["text"] == greedy
+
+
 def test_all_fields_have_defaults(client):
     answer = client.post("/api/generate", json={}).json()
     assert answer["tokens"] == MAX_TOKENS  # the default (100) capped by --max-tokens
@@ -138,6 +145,7 @@ MALFORMED = [
     ('{"seed": -1}', 422), ('{"seed": 99999999999999999999999}', 422), ('{"prompt": 5}', 422),
     ('{"prompt": ["a"]}', 422), ('{"prompt": "' + "x" * 201 + '"}', 422), ('{"max_tokens": 5}', 422),
     ('{"prompt": {"nested": [1, 2, {"deep": null}]}}', 422), ('{"tokens": 5, "tokens": 500}', 422),
+    ('{"prompt": "a lone surrogate \\ud800 cannot be sent back as UTF-8"}', 422), ("[" * 2000 + "]" * 2000, 400),
 ]
 
 
@@ -179,7 +187,7 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(client):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(
     st.sampled_from(["prompt", "tokens", "temperature", "top_k", "top_p", "seed", "text", "other"]),
-    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), st.text(max_size=250),
+    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=250),
               st.lists(st.integers(), max_size=3)),
     max_size=6,
 ))

@@ -114,3 +114,21 @@ def test_serve_on_a_port_in_use_is_one_clean_line(trained_run, capsys):
         assert main(["serve", str(trained_run), "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("neurallm serve: error: cannot listen on --host 127.0.0.1 --port") and "\n" not in err
+
+
+def test_serve_without_the_serve_extra_names_the_package_to_install(trained_run, monkeypatch, capsys):
+    import builtins
+
+    from neurallm.cli import main
+
+    real_import = builtins.__import__
+
+    def no_uvicorn(name, *args, **kwargs):
+        if name == "uvicorn":
+            raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    assert main(["serve", str(trained_run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neurallm serve: error:") and "pip install 'neurallm[serve]'" in err and "\n" not in err

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
@@ -26,7 +27,7 @@ from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
-from neurallm.runtime import keep_freed_memory, log_line, pick_device
+from neurallm.runtime import pick_device
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
 from neurallm.training import checkpoint as ckpt
@@ -35,23 +36,7 @@ from neurallm.training.loop import Trainer, TrainResult
 logger = logging.getLogger(__name__)
 
 
-def prepare(data: str | Path, out: str | Path | None = None, *, log=log_line, **settings) -> PreparedCorpus:
-    """Tokenize a corpus and write its id streams (see :func:`neurallm.data.stream.prepare_corpus`).
-
-    Args:
-        data: folder, file or registered dataset name.
-        out: folder to write; default a cache folder keyed by the data and settings.
-        **settings: fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
-            ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab);
-            ``neurallm prepare --help`` lists them all.
-    """
-    source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="prepare")
-    source = SourceSettings(data=str(data), **source)
-    tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
-    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None, log=log)
-
-
-def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
+def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus, SourceSettings, TokenizerSettings, VocabSettings]:
     """The prepared corpus for ``data``: a prepared folder as it is, anything else prepared (or reused from cache)."""
     if Path(data).is_dir() and is_prepared(Path(data)):
         prepared = load_prepared(Path(data))
@@ -66,7 +51,7 @@ def open_training_data(data: str | Path, settings: dict, log=log_line) -> tuple[
     source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="the data")
     source = SourceSettings(data=_data_name(data), **source)
     tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
-    prepared = prepare_corpus(source, tokenizer, vocab, log=log)
+    prepared = prepare_corpus(source, tokenizer, vocab)
     if not Path(source.data).exists():  # a dataset name: record where it was found, for eval from any folder
         location = dataset_location(source)
         source = replace(source, location=None if location is None else str(location))
@@ -79,7 +64,7 @@ def _data_name(data: str | Path) -> str:
 
 
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool | None = None, log=log_line, save_every: float = 300.0, **settings) -> TrainResult:
+          progress: bool | None = None, save_every: float = 300.0, **settings) -> TrainResult:
     """Train a model on ``data`` into the run directory ``out``.
 
     ``settings`` are the fields of ``ModelConfig`` (model, emsize, nhid, nlayers, dropout, tied, nhead, memory),
@@ -88,33 +73,33 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     ``-`` (``eval_context`` is ``--context``). With ``resume=True`` the run continues from ``last.safetensors``;
     only the settings declared resumable (``epochs``, ``max_time``) may differ from the saved configuration.
 
-    Like the CLI, it asks glibc to keep freed memory for reuse (:func:`neurallm.runtime.keep_freed_memory`),
-    which nearly doubles CPU training speed; the process keeps that memory until it exits.
+    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
+    function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
+    the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
-    keep_freed_memory()
     out = Path(out)
     *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="train")
     if resume:
-        return _resume(out, data, settings, progress=progress, log=log, save_every=save_every)
+        return _resume(out, data, settings, progress=progress, save_every=save_every)
     data_settings = {k: v for section in data_settings for k, v in section.items()}
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
     ckpt.check_new_run_dir(out, force)
-    prepared, source, tokenizer, vocab_settings = open_training_data(data, data_settings, log)
+    prepared, source, tokenizer, vocab_settings = open_training_data(data, data_settings)
     model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
     config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
     # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
     # run: a setting that fails here must leave no half-made run that blocks the corrected command.
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
     ckpt.write_run_files(out, config, prepared.vocab)
-    log(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+    logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
     return trainer.run()
 
 
-def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> TrainResult:
+def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
     config = ckpt.read_run_config(out)
     if not (out / ckpt.LAST_FILE).is_file():
         raise ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE}: it stopped before its first checkpoint, so there is nothing "
@@ -125,9 +110,9 @@ def _resume(out: Path, data, settings: dict, *, progress, log, save_every) -> Tr
     if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
         prepared = load_prepared(Path(config.source.data))
     else:
-        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab, log=log)
+        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab)
     ckpt.write_run_files(out, config, prepared.vocab)
-    trainer = Trainer(out, config, prepared, progress=progress, log=log, save_every=save_every)
+    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
     return trainer.run(resume=True)
 
 
@@ -186,7 +171,7 @@ class Run:
         if data is not None:
             base["data"], base["location"] = str(data), None
         source = SourceSettings(**{**base, **{k: v for k, v in source_settings.items() if v is not None}})
-        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, log=lambda message: None)
+        return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab)
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = 10,
                  context: int | None = None, naive: bool = False, **source_settings) -> EvalResult:

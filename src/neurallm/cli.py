@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def add_prepare_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from neurallm.api import prepare
+    from neurallm.data.prepare import prepare  # not neurallm.api: preparing needs no torch
 
     prepared = prepare(args.data, args.out, **given_settings(args, *DATA_SETTINGS))
     print(f"prepared {prepared.folder} (vocabulary {len(prepared.vocab):,})")
@@ -198,6 +199,10 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         if exc.name != "neurallm.export":
             raise ConfigError(f"ONNX export needs the package {exc.name}: pip install 'neurallm[onnx]'") from None
         raise
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
+        raise ConfigError("--onnx-export needs the package onnx: pip install onnx (or train without --onnx-export)")
     return export_onnx
 
 
@@ -294,7 +299,7 @@ def add_score_flags(p: argparse.ArgumentParser) -> None:
 
 def _score_input(args: argparse.Namespace) -> str:
     """The text ``score`` reads from --text, --file or --jsonl (one line per JSONL record)."""
-    from neurallm.data.sources import _read_jsonl
+    from neurallm.data.sources import _jsonl_texts
 
     if args.jsonl is not None and not args.text_field:
         raise ConfigError("--jsonl needs --text-field K, the key that holds each record's text")
@@ -305,12 +310,13 @@ def _score_input(args: argparse.Namespace) -> str:
     path = Path(args.file or args.jsonl)
     if not path.is_file():
         raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path}: no such file")
-    if args.jsonl:
-        return "\n".join(_read_jsonl(path, args.text_field, "utf-8"))
     try:
+        if args.jsonl:  # one line per record, as `--data F.jsonl --text-field K` reads it
+            with open(path, encoding="utf-8") as f:
+                return "\n".join(_jsonl_texts(f, path=path, field_name=args.text_field))
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"--file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+        raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -447,15 +453,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PlainLines(logging.StreamHandler):
+    """Each log record as its bare message on ``sys.stdout`` or ``sys.stderr``, flushed at once even when that is a
+    file or a pipe. The stream is looked up at each record, so pytest's capture and later redirections are honoured."""
+
+    def __init__(self, stream_name: str) -> None:
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stdout / sys.stderr
+
+
+def configure_logging() -> None:
+    """The library logs through ``logging.getLogger("neurallm....")``; the command prints the training log (INFO)
+    on standard output, as the PyTorch example does, and warnings on standard error (so ``eval --json`` prints its
+    one object alone)."""
+    logger = logging.getLogger("neurallm")
+    if not any(isinstance(h, _PlainLines) for h in logger.handlers):
+        out, err = _PlainLines("stdout"), _PlainLines("stderr")
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        logger.addHandler(out)
+        logger.addHandler(err)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines are printed once, here, not again by a root handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         if args.command in ("train", "eval", "generate", "score"):  # only commands that run a model load torch
             from neurallm.runtime import keep_freed_memory
 
-            keep_freed_memory()
+            keep_freed_memory()  # a process-wide setting: the command owns its process, the library does not
         return SUBCOMMANDS[args.command].run(args)
     except NeurallmError as exc:
         if args.debug:

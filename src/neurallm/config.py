@@ -20,7 +20,8 @@ generated from these fields. To add a setting:
    the type cannot do it), ``default_text`` (when the default needs words), ``resumable=True`` if
    ``--resume`` may change it (like ``epochs``);
 2. check its range in the class's ``__post_init__`` with a message naming the flag and the fix;
-3. use it where it acts.
+3. use it where it acts, and regenerate the README's flag tables: ``python scripts/flags_table.py --write``
+   (``tests/test_cli.py`` fails while they differ from the parser).
 
 Nothing else: no flag list, keyword list or resume list to keep in step. Runs saved before a setting existed
 still load (a missing key takes the default). This module and :mod:`neurallm.settings` never import torch,
@@ -227,15 +228,15 @@ class RunConfig:
 class ServeConfig:
     """How ``neurallm serve`` listens and what it accepts (every request is checked against these limits)."""
 
-    host: str = setting("127.0.0.1", help="address to bind; 127.0.0.1 keeps the server private to this machine")
+    host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 keeps the server private to this machine")
     port: int = setting(8000, help="TCP port")
     max_tokens: int = setting(1000, help="largest `tokens` a generation request may ask for")
     max_prompt_chars: int = setting(4000, help="longest prompt (and scored text) accepted, in characters")
-    max_queue: int = setting(64, help="requests running or waiting for the model; more get 503 + Retry-After")
+    max_queue: int = setting(64, help="requests running or waiting for the model; the next one gets 503 with Retry-After")
     timeout: float = setting(60.0, help="seconds a request may wait and run before it gets 504")
 
     def __post_init__(self) -> None:
-        _require(1 <= self.port <= 65535 or self.port == 0, f"--port must be 1..65535, got {self.port}")
+        _require(0 <= self.port <= 65535, f"--port must be 1..65535 (0: any free port), got {self.port}")
         _require(self.max_tokens >= 1, f"--max-tokens must be at least 1, got {self.max_tokens}")
         _require(self.max_prompt_chars >= 1, f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         _require(self.max_queue >= 1, f"--max-queue must be at least 1, got {self.max_queue}")

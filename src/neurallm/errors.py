@@ -23,3 +23,7 @@ class RunDirError(NeurallmError):
 
 class TrainingError(NeurallmError):
     """Training that cannot go on (for example repeated non-finite losses)."""
+
+
+class DiskFullError(NeurallmError):
+    """A write that ran out of disk space; the previous version of the file or folder is left as it was."""

@@ -16,9 +16,7 @@ import os
 import re
 from typing import Any
 
-import torch
-
-from neurallm.data.batching import EvalColumn, batchify, get_batch, plan_eval_columns, window_starts
+from neurallm.data.windows import EvalColumn, column_rows, plan_eval_columns, window_length, window_starts
 from neurallm.errors import ConfigError
 
 _DIM, _BOLD, _YELLOW, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[33m", "\x1b[0m"
@@ -85,11 +83,11 @@ def explain_training(tokens: list[str], batch_size: int, bptt: int, *, color: bo
         "",
         f"Windows of {bptt} rows; the target is the input shifted one row down.",
     ]
-    stream = torch.tensor(layout)
     starts = window_starts(n_rows, bptt)
     for k, row in enumerate(starts):
-        inputs, targets = get_batch(stream, row, bptt)
-        length = inputs.size(0)
+        # the rows get_batch slices: input rows [row, row + length), targets one row further down
+        length = window_length(n_rows, row, bptt)
+        inputs, targets = layout[row : row + length], layout[row + 1 : row + 1 + length]
         span = f"row {row}" if length == 1 else f"rows {row}..{row + length - 1}"
         out += ["", _paint(f"window {k} ({span})", _BOLD, color)]
         out += _indent(_side_by_side(_matrix(_cells(padded, inputs)), _matrix(_cells(padded, targets))))
@@ -206,8 +204,10 @@ def _check_positive(flag: str, value: int) -> None:
 
 
 def _layout(tokens: list[str], batch_size: int) -> list[list[int]]:
-    """Token positions in the batchified stream, one list per row; batchify does the cutting."""
-    return batchify(torch.arange(len(tokens)), batch_size).tolist()
+    """Token positions in the batchified stream, one list per row: column j holds positions j·rows … (j+1)·rows-1,
+    as :func:`neurallm.data.batching.batchify` cuts them (a test holds the two equal)."""
+    rows = column_rows(len(tokens), batch_size)
+    return [[j * rows + i for j in range(batch_size)] for i in range(rows)]
 
 
 def _pad(tokens: list[str]) -> list[str]:
@@ -217,8 +217,8 @@ def _pad(tokens: list[str]) -> list[str]:
     return [token.rjust(width) if numeric else token.ljust(width) for token in tokens]
 
 
-def _cells(padded: list[str], positions: torch.Tensor) -> list[list[str]]:
-    return [[padded[i] for i in row] for row in positions.tolist()]
+def _cells(padded: list[str], positions: list[list[int]]) -> list[list[str]]:
+    return [[padded[i] for i in row] for row in positions]
 
 
 def _matrix(rows: list[list[str]]) -> list[str]:

@@ -1,19 +1,27 @@
 """Crash-safe file writes: temp file in the same folder, fsync, rename.
 
 A reader (or a `kill -9`) at any moment sees either the old file or the new one, never half a file,
-because ``os.replace`` within one file system is atomic.
+because ``os.replace`` within one file system is atomic. :func:`atomic_folder` does the same for a whole
+folder. A full disk is reported as one :class:`DiskFullError` line naming the path and the space needed;
+the previous version stays and the temp files are removed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from neurallm.errors import DiskFullError, NeurallmError
 
 
 _TEMP_SUFFIX = ".tmp"
@@ -26,21 +34,58 @@ def is_temp_file(name: str) -> bool:
     return _TEMP_NAMES.fullmatch(name) is not None
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full; safetensors raises its own type for it."""
+    if isinstance(exc, NeurallmError):
+        return False  # already a message for the user
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return "(os error 28)" in text or "No space left on device" in text or "(os error 122)" in text
+
+
+def format_size(n_bytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:,.0f} {unit}" if unit == "bytes" else f"{n_bytes:,.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError
+
+
+def disk_full_error(path: Path, needed: int) -> DiskFullError:
+    """The one-line error for a write to ``path`` that ran out of space; ``needed``: bytes the write takes."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = 0
+    return DiskFullError(f"{path}: no space left on the device ({format_size(free)} free, about "
+                         f"{format_size(needed)} needed); free some space or write elsewhere, then run it again")
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``."""
+def atomic_path(path: Path, size: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
+
+    ``size`` (bytes the write will take, when known) goes into the message should the disk fill up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the user's usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the user's usual permissions
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        previous = path.stat().st_size if path.is_file() else 0
+        raise disk_full_error(path, size or max(written, previous)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,9 +111,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` and move the result to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
+    """Call ``write(temp_path)`` and move the result to ``path`` atomically (``size``: see :func:`atomic_path`)."""
+    with atomic_path(path, size) as tmp:
         write(tmp)
 
 
@@ -86,3 +131,68 @@ def append_line(path: Path, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``folder``; on success it takes ``folder``'s place in one step.
+
+    Readers see the old folder or the new one, never a mix of their files. Where Linux can swap two folders
+    atomically (``renameat2`` with ``RENAME_EXCHANGE``) it does; elsewhere the old folder is first renamed
+    aside, so a crash between the two renames leaves no ``folder`` (never a mixed one) and the old one under a
+    temp name. The old folder is deleted after the swap; on failure the temp folder is.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        yield tmp
+        for child in tmp.iterdir():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if folder.exists() and _exchange(tmp, folder):
+            pass  # tmp now names the old folder
+        elif folder.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=folder.parent))
+            os.replace(folder, aside)  # replaces the empty placeholder folder
+            os.replace(tmp, folder)
+            tmp = aside
+        else:
+            os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete temp folders of :func:`atomic_folder` for ``folder`` whose process is gone (killed with -9)."""
+    orphan = re.compile(re.escape(f".{folder.name}.") + r"(\d+)\.\w+" + re.escape(_TEMP_SUFFIX))
+    for sibling in folder.parent.iterdir():
+        match = orphan.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive, another user's (or not a pid we can judge): leave it
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -57,7 +57,10 @@ def sample_next(
     """Draw one token id from ``logits`` ``(V,)`` (unnormalised, or log-probabilities: the same distribution)."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    # shift so the largest logit is 0 before dividing: a tiny temperature then gives 0 and -inf (greedy), not inf - inf;
+    # in float64, where a temperature down to 5e-324 is not 0 (in float32 1e-300 is, and 0 / 0 would be NaN)
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         cutoff = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))

@@ -84,10 +84,11 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
     """Draw ``runs`` into the PNG ``out``, written atomically (a reader never sees half an image)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    fig = Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
-    ax_loss, ax_quality = fig.subplots(1, 2)
+    fig = Figure(figsize=(11, 4.6), dpi=100)
+    # fixed margins rather than constrained layout, which doubles the drawing time (this runs every epoch)
+    ax_loss, ax_quality = fig.subplots(1, 2, gridspec_kw={"left": 0.065, "right": 0.975, "bottom": 0.18, "top": 0.93, "wspace": 0.42})
     ax_lr = ax_loss.twinx()
     quality_name, to_quality = _quality({run.level for run in runs})
     handles = []
@@ -95,8 +96,10 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
         color = f"C{i % 10}"
         ax_loss.plot(run.epochs, run.train_loss, color=color, linestyle="--", marker="o", markersize=3)
         ax_loss.plot(run.epochs, run.valid_loss, color=color, linestyle="-", marker="o", markersize=4)
-        # the recorded rate is the one used during the epoch: a step centred on it
-        ax_lr.plot(run.epochs, run.lr, color=color, linestyle=":", linewidth=1.3, alpha=0.8, drawstyle="steps-mid")
+        # the recorded rate is the one used during the epoch: a flat segment across it
+        steps_x = [x for epoch in run.epochs for x in (epoch - 0.5, epoch + 0.5)]
+        steps_y = [lr for lr in run.lr for _ in range(2)]
+        ax_lr.plot(steps_x, steps_y, color=color, linestyle=":", linewidth=1.4, alpha=0.8)
         quality = [to_quality(loss) for loss in run.valid_loss]
         ax_quality.plot(run.epochs, quality, color=color, marker="o", markersize=4)
         ax_quality.annotate(f"{quality[-1]:.4g}", (run.epochs[-1], quality[-1]), textcoords="offset points",
@@ -113,8 +116,12 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
     all_lr = [lr for run in runs for lr in run.lr if lr > 0]
     if all_lr and max(all_lr) / min(all_lr) > 10:
         ax_lr.set_yscale("log")  # SGD divides by 4 on every plateau: steps read best on a log axis
+        decades = math.log10(max(all_lr) / min(all_lr))
+        ax_lr.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
         ax_lr.yaxis.set_major_formatter(plain)
         ax_lr.yaxis.set_minor_formatter(NullFormatter())
+    elif all_lr:
+        ax_lr.set_ylim(0, 1.15 * max(all_lr))  # from zero: a constant rate is a flat line, not a zoomed-in tick range
     ax_quality.set_title(f"validation {quality_name}")
     ax_quality.set_ylabel(quality_name)
     valid_losses = [loss for run in runs for loss in run.valid_loss]
@@ -124,10 +131,11 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
         ax_quality.yaxis.set_minor_formatter(plain)
     for ax in (ax_loss, ax_quality):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.margins(x=0.06, y=0.08)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(min(run.epochs) for run in runs) - 0.5, max(max(run.epochs) for run in runs) + 0.5)
+        ax.margins(y=0.08)
         ax.grid(True, alpha=0.3)
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=9, frameon=False)
     atomic_write(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
     return Path(out)
 

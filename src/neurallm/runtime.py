@@ -1,19 +1,26 @@
-"""Device choice, seeding, the random-number state a resumed run must restore, and the process's allocator."""
+"""Device choice, seeding, the random-number state a resumed run must restore, and the process's allocator.
+
+torch and numpy are imported inside the functions that need them, so that importing this module (the CLI does,
+for :func:`keep_freed_memory`) costs nothing for commands that never touch a model.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import random
 import sys
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from neurallm.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA if present, else Apple MPS, else CPU; an explicit device that is absent is an error."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,6 +35,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -35,6 +45,9 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """Python/NumPy RNG state as JSON-able data, and torch RNG states as tensors."""
+    import numpy as np
+    import torch
+
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     json_state = {
@@ -49,6 +62,9 @@ def capture_rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def restore_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    import numpy as np
+    import torch
+
     py_version, py_state, py_gauss = json_state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = json_state["numpy"]
@@ -59,11 +75,6 @@ def restore_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> Non
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
-def log_line(message: str) -> None:
-    """Print a progress line at once, even when stdout is a file or a pipe (which Python buffers)."""
-    print(message, flush=True)
-
-
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once.
 
@@ -72,6 +83,10 @@ def keep_freed_memory() -> bool:
     memory: measured on 2 CPU cores, an LSTM 64/64 epoch on wt2-lite spent 36 s in the kernel and ran at 7,700
     tokens/s, against 14,400 tokens/s with the settings below (identical losses). Returns whether it applied
     (glibc on Linux only; elsewhere nothing changes).
+
+    It changes the whole process (the memory stays with it until it exits), so the library never calls it on
+    its own: the ``neurallm`` command does, and a program that trains through the Python API may call it once
+    at start-up to get the same speed.
     """
     if not sys.platform.startswith("linux"):
         return False

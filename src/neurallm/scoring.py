@@ -131,26 +131,31 @@ def score_texts(
     """
     if context is not None and context < 0:
         raise ConfigError(f"--context must be 0 or more, got {context}")
-    model.eval()
     context = default_context(model, bptt) if context is None else context
-    results = []
-    for text in texts:
-        lines = text.splitlines() or [""]
-        tokenized = [tokenize_line(line, tokenizer, vocab.bpe) for line in lines]
-        groups = [[i] for i in range(len(lines))] if independent else [list(range(len(lines)))]
-        logprobs: list[list[float]] = [[] for _ in lines]
-        for group in groups:
-            document = [line_break_token(tokenizer, vocab.bpe)] + [t for i in group for t in tokenized[i]]
-            ids, _ = vocab.encode(document)
-            values = _target_logprobs(model, np.asarray(ids, dtype=np.int64), bptt, context)
-            offset = 0
-            for i in group:
-                logprobs[i] = values[offset : offset + len(tokenized[i])].tolist()
-                offset += len(tokenized[i])
-        results.append(TextScore([
-            LineScore(line, tokens, values, vocab.encode(tokens)[1]) for line, tokens, values in zip(lines, tokenized, logprobs)
-        ]))
-    return results
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the caller's mode is given back below
+    try:
+        return [_score_text(model, vocab, tokenizer, text, independent, bptt, context) for text in texts]
+    finally:
+        model.train(was_training)
+
+
+def _score_text(model: nn.Module, vocab: Vocab, tokenizer: TokenizerSettings, text: str, independent: bool, bptt: int,
+                context: int) -> TextScore:
+    lines = text.splitlines() or [""]
+    tokenized = [tokenize_line(line, tokenizer, vocab.bpe) for line in lines]
+    groups = [[i] for i in range(len(lines))] if independent else [list(range(len(lines)))]
+    logprobs: list[list[float]] = [[] for _ in lines]
+    for group in groups:
+        document = [line_break_token(tokenizer, vocab.bpe)] + [t for i in group for t in tokenized[i]]
+        ids, _ = vocab.encode(document)
+        values = _target_logprobs(model, np.asarray(ids, dtype=np.int64), bptt, context)
+        offset = 0
+        for i in group:
+            logprobs[i] = values[offset : offset + len(tokenized[i])].tolist()
+            offset += len(tokenized[i])
+    return TextScore([LineScore(line, tokens, values, vocab.encode(tokens)[1])
+                      for line, tokens, values in zip(lines, tokenized, logprobs)])
 
 
 def _target_logprobs(model: LanguageModel, ids: np.ndarray, bptt: int, context: int) -> np.ndarray:
@@ -159,7 +164,7 @@ def _target_logprobs(model: LanguageModel, ids: np.ndarray, bptt: int, context: 
     if layout.carries_state:
         # one column over the whole document, read window after window with the state carried
         return _run_column(model, ids, EvalColumn(0, 1, len(ids)), layout.window)
-    columns = plan_sliding_windows(len(ids), max(1, bptt - context), context)
+    columns = plan_sliding_windows(len(ids), max(1, layout.window - context), context)
     return np.concatenate([_run_column(model, ids, column, column.length) for column in columns])
 
 

@@ -68,7 +68,7 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bpe-runs")
     out = {}
     for level, extra in (("word", {}), ("char", {}), ("bpe", {"bpe_vocab_size": 300})):
-        neurallm.train(corpus, root / level, progress=False, log=lambda message: None, level=level, **TINY_MODEL, **extra)
+        neurallm.train(corpus, root / level, progress=False, level=level, **TINY_MODEL, **extra)
         out[level] = root / level
     return out
 

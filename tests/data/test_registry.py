@@ -310,7 +310,7 @@ def test_a_downloaded_zip_dataset_is_read_by_name_in_its_archive_layout(monkeypa
     from neurallm.data.tokenizers import TokenizerSettings
 
     use_zip_spec(monkeypatch, server, md5_of(build_wikitext_zip(server.root)))
-    prepared = prepare_corpus(SourceSettings("wikitext-2"), TokenizerSettings(), log=lambda message: None)
+    prepared = prepare_corpus(SourceSettings("wikitext-2"), TokenizerSettings())
     for split, text in SPLIT_TEXT.items():
         expected = sum(len(line.split()) + 1 for line in text.splitlines())
         assert prepared.meta["splits"][split]["tokens"] == expected

@@ -93,7 +93,7 @@ def test_bad_split_ratios_are_a_config_error(tmp_path, ratios):
 
 def test_a_file_too_short_to_split_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="too few to split"):
-        _open(_numbered_file(tmp_path / "short.txt", 5))
+        list(_open(_numbered_file(tmp_path / "short.txt", 5)).lines("train"))
 
 
 # --- CSV ---------------------------------------------------------------------------------------------------
@@ -208,15 +208,55 @@ def test_a_name_found_nowhere_lists_the_known_datasets(monkeypatch, tmp_path):
         _open("no-such-corpus")
 
 
-# --- fingerprint -------------------------------------------------------------------------------------------
+# --- encodings (issue 11, item 9) --------------------------------------------------------------------------
 
 
-def test_the_fingerprint_depends_on_the_bytes_and_settings_not_the_path(tmp_path):
-    a = _numbered_file(tmp_path / "a.txt", 40)
-    b = _numbered_file(tmp_path / "b.txt", 40)
-    settings_a, settings_b = SourceSettings(data=str(a)), SourceSettings(data=str(b))
-    assert open_corpus(settings_a).fingerprint(settings_a) == open_corpus(settings_b).fingerprint(settings_b)
-    other_ratios = SourceSettings(data=str(a), split_ratios=(0.8, 0.1, 0.1))
-    assert open_corpus(other_ratios).fingerprint(other_ratios) != open_corpus(settings_a).fingerprint(settings_a)
-    _numbered_file(b, 41)
-    assert open_corpus(settings_b).fingerprint(settings_b) != open_corpus(settings_a).fingerprint(settings_a)
+def test_a_csv_with_a_byte_order_mark_names_its_first_column_without_the_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    rows = "title,text\n" + "".join(f"title {i},body {i}\n" for i in range(40))
+    path.write_bytes(b"\xef\xbb\xbf" + rows.encode("utf-8"))  # what Excel's "CSV UTF-8" writes
+    lines = _lines(_open(path, text_column="title,text"))
+    assert lines["train"][0] == "title 0 body 0"
+
+
+def test_a_text_file_with_a_byte_order_mark_does_not_glue_it_to_the_first_word(tmp_path):
+    path = tmp_path / "notepad.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(f"line {i}\n" for i in range(40)).encode("utf-8"))
+    assert _lines(_open(path))["train"][0] == "line 0"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_files_read_with_their_encoding(tmp_path, encoding):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split in SPLITS:
+        (folder / f"{split}.txt").write_text(f"größe {split}\nzweite zeile\n", encoding=encoding)
+    lines = _lines(_open(folder, encoding=encoding))
+    assert lines == {split: [f"größe {split}", "zweite zeile"] for split in SPLITS}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_utf16_file_read_as_utf8_names_the_encoding_to_pass(tmp_path, encoding):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(40)), encoding=encoding)
+    with pytest.raises(DataError, match=f"wide.txt starts with a {encoding.upper()} byte-order mark; read it with --encoding {encoding}"):
+        _open(path)
+
+
+@pytest.mark.parametrize("bad_at", [5, 8191, 8192, 65_537, 300_003])
+def test_a_decoding_error_gives_the_offset_of_the_bad_byte_in_the_file(tmp_path, bad_at):
+    """Python's reader reports offsets within the block it was decoding; the user needs the file's offset."""
+    text = ("abcdefghi\n" * (bad_at // 10 + 1)).encode()[:bad_at]
+    path = tmp_path / "bad.txt"
+    path.write_bytes(text + b"\xff" + b"\nmore text\n" * 50)
+    with pytest.raises(DataError) as error:
+        list(_open(path).lines("train"))
+    assert f"(byte {bad_at} of the file: invalid start byte)" in str(error.value)
+
+
+def test_a_character_cut_by_a_block_end_is_located_at_its_first_byte(tmp_path):
+    path = tmp_path / "cut.txt"
+    head = b"a" * 65_535 + "é".encode()  # é straddles the 64 KiB block boundary
+    path.write_bytes(head + b"\xe9 not utf-8\n" + b"fine\n" * 50)
+    with pytest.raises(DataError, match=f"byte {len(head)} of the file"):
+        list(_open(path).lines("train"))

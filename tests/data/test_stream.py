@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from neurallm.api import prepare
-from neurallm.data import stream
-from neurallm.data.sources import SPLITS
+from neurallm.data.sources import SPLITS, SourceFile
 from neurallm.data.stream import load_prepared
 from neurallm.data.tokenizers import UNK, TokenizerSettings, detokenize
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 def _prepare(data, out=None, **settings):
-    return prepare(data, out, log=_quiet, **settings)
+    return prepare(data, out, **settings)
 
 
 def test_prepare_writes_id_streams_vocab_and_meta(tiny_corpus, tmp_path):
@@ -82,20 +79,21 @@ def test_preparing_again_reuses_the_folder_without_rewriting(tiny_corpus, tmp_pa
     first = _prepare(tiny_corpus, out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    def must_not_encode(*args, **kwargs):
-        raise AssertionError("a prepared corpus was encoded again")
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the source of a prepared corpus was read again")
 
-    monkeypatch.setattr(stream, "_encode_split", must_not_encode)
+    monkeypatch.setattr(SourceFile, "lines", must_not_read)
     second = _prepare(tiny_corpus, out)
     assert second.meta["key"] == first.meta["key"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
 
-def test_the_default_cache_folder_is_named_by_the_key_and_reused(tiny_corpus, tmp_path, monkeypatch):
+def test_the_default_cache_folder_is_named_by_the_files_and_settings_and_reused_without_reading(tiny_corpus, tmp_path,
+                                                                                                 monkeypatch):
     monkeypatch.setenv("NEURALLM_CACHE", str(tmp_path / "cache"))
     first = _prepare(tiny_corpus)
-    assert first.folder == tmp_path / "cache" / "prepared" / first.meta["key"]
-    monkeypatch.setattr(stream, "_encode_split", lambda *a, **k: pytest.fail("encoded again"))
+    assert first.folder == tmp_path / "cache" / "prepared" / first.meta["source_key"]
+    monkeypatch.setattr(SourceFile, "lines", lambda *a, **k: pytest.fail("the source was read again"))
     assert _prepare(tiny_corpus).folder == first.folder
 
 
@@ -156,3 +154,82 @@ def test_a_local_folder_name_prepares_like_its_path(shared_data, monkeypatch):
     by_path = _prepare(shared_data / "wt2-lite")
     assert by_name.meta["key"] == by_path.meta["key"]  # the key is the bytes and settings, not the path
     assert by_name.meta["splits"]["train"]["tokens"] == 217_646
+
+
+# --- streaming: each source file is read once --------------------------------------------------------------
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    real_lines = SourceFile.lines
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.path.name)
+        return real_lines(self, *args, **kwargs)
+
+    monkeypatch.setattr(SourceFile, "lines", counted)
+    return reads
+
+
+def test_preparing_a_folder_reads_each_split_file_once(tiny_corpus, tmp_path, monkeypatch):
+    reads = _count_reads(monkeypatch)
+    _prepare(tiny_corpus, tmp_path / "p")
+    assert reads == ["train.txt", "valid.txt", "test.txt"]
+
+
+def test_preparing_a_single_file_reads_it_once_and_splits_it_by_lines(tmp_path, monkeypatch):
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i} of the book\n" for i in range(100)), encoding="utf-8")
+    reads = _count_reads(monkeypatch)
+    prepared = _prepare(path, tmp_path / "p")
+    assert reads == ["book.txt"]
+    eos = prepared.vocab.index["<eos>"]
+    lines = {split: int(np.count_nonzero(prepared.ids(split) == eos)) for split in SPLITS}
+    assert lines == {"train": 90, "valid": 5, "test": 5}
+    first_valid = detokenize(prepared.vocab.decode(prepared.ids("valid")[:6].tolist()), "word")
+    assert first_valid == "line <unk> of the book\n"  # valid starts at line 90; "90" is not in train
+
+
+def test_the_ids_equal_encoding_each_line_with_the_vocabulary_of_train(shared_data, tmp_path):
+    """The provisional-id pipeline gives exactly the ids of the plain method: tokenize, build the vocabulary
+    from train's counts, encode line by line."""
+    from collections import Counter
+
+    from neurallm.data.tokenizers import tokenize_line
+    from neurallm.data.vocab import build_vocab
+
+    prepared = _prepare(shared_data / "wt2-lite", tmp_path / "wt2")
+    settings = TokenizerSettings()
+    read = {split: (shared_data / "wt2-lite" / f"{split}.txt").read_text(encoding="utf-8").splitlines() for split in SPLITS}
+    vocab = build_vocab(Counter(t for line in read["train"] for t in tokenize_line(line, settings)), "word")
+    assert prepared.vocab.tokens == vocab.tokens
+    for split in SPLITS:
+        expected = [i for line in read[split] for i in vocab.encode(tokenize_line(line, settings))[0]]
+        assert prepared.ids(split).tolist() == expected
+
+
+def test_the_key_is_the_bytes_and_settings_not_the_path(tiny_corpus, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_corpus, copy)
+    assert _prepare(copy, tmp_path / "p1").meta["key"] == _prepare(tiny_corpus, tmp_path / "p2").meta["key"]
+    assert _prepare(copy, tmp_path / "p3", split_ratios=(0.8, 0.1, 0.1)).meta["key"] != _prepare(copy, tmp_path / "p1").meta["key"]
+
+
+def test_a_touched_source_is_prepared_again_with_the_same_key(tiny_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "p"
+    first = _prepare(tiny_corpus, out)
+    os.utime(tiny_corpus / "valid.txt", ns=(1, 1))  # same bytes, another modification time
+    reads = _count_reads(monkeypatch)
+    second = _prepare(tiny_corpus, out)
+    assert reads == ["train.txt", "valid.txt", "test.txt"]  # the identity changed: the files are read again
+    assert second.meta["key"] == first.meta["key"] and second.meta["source_key"] != first.meta["source_key"]
+
+
+def test_a_utf16_corpus_prepares_with_its_encoding(tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for split in SPLITS:
+        (folder / f"{split}.txt").write_text("größe über alles\nzweite zeile\n" * 3, encoding="utf-16")
+    prepared = _prepare(folder, tmp_path / "p", encoding="utf-16")
+    assert {"größe", "über", "zweite"} <= set(prepared.vocab.tokens)
+    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0}  # (3 words + <eos> + 2 words + <eos>) × 3

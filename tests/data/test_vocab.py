@@ -88,7 +88,7 @@ def test_vocabulary_comes_from_train_only_and_unk_substitutions_are_reported_per
         valid="the emu sat\n",  # "emu" never occurs in train
         test="a yak and an ox\n",  # "a", "yak", "and", "an", "ox": five unknown words
     )
-    prepared = prepare(folder, tmp_path / "prepared", log=lambda message: None)
+    prepared = prepare(folder, tmp_path / "prepared")
     assert prepared.vocab.tokens == [UNK, EOS, "sat", "the", "cat", "dog"]
     assert "emu" not in prepared.vocab.index
     assert prepared.meta["splits"] == {
@@ -102,16 +102,16 @@ def test_vocabulary_comes_from_train_only_and_unk_substitutions_are_reported_per
 
 def test_min_freq_and_max_vocab_apply_when_preparing(tmp_path):
     folder = _write_splits(tmp_path / "corpus", train="a a a b b c\n", valid="a b c\n", test="c\n")
-    by_freq = prepare(folder, tmp_path / "min", min_freq=2, log=lambda message: None)
+    by_freq = prepare(folder, tmp_path / "min", min_freq=2)
     assert by_freq.vocab.tokens == [UNK, EOS, "a", "b"]
     assert by_freq.meta["splits"]["valid"] == {"tokens": 4, "unk": 1}
-    capped = prepare(folder, tmp_path / "cap", max_vocab=3, log=lambda message: None)
+    capped = prepare(folder, tmp_path / "cap", max_vocab=3)
     assert capped.vocab.tokens == [UNK, EOS, "a"]
     assert capped.meta["splits"]["train"] == {"tokens": 7, "unk": 3}
 
 
 def test_wt2_lite_is_a_closed_vocabulary_of_13777_words(shared_data, tmp_path):
-    prepared = prepare(shared_data / "wt2-lite", tmp_path / "wt2", log=lambda message: None)
+    prepared = prepare(shared_data / "wt2-lite", tmp_path / "wt2")
     assert len(prepared.vocab) == 13_777
     assert prepared.meta["vocab_size"] == 13_777
     assert prepared.meta["splits"] == {

@@ -31,7 +31,7 @@ def write_repeating_patterns(folder, seed: int = 0):
 
 def test_memory_carries_what_the_window_cannot_see(tmp_path):
     corpus = write_repeating_patterns(tmp_path / "patterns")
-    quiet = dict(progress=False, log=lambda message: None)
+    quiet = dict(progress=False)
     with_memory = neurallm.train(corpus, tmp_path / "memory", memory=16, **SETTINGS, **quiet)
     without = neurallm.train(corpus, tmp_path / "plain", memory=0, **SETTINGS, **quiet)
     assert with_memory.test.ppl < 3.0

@@ -30,7 +30,7 @@ def _config(vocab_size: int = 30, **settings) -> ModelConfig:
 @pytest.fixture
 def patterned_ids(tiny_corpus, tmp_path):
     """The training ids of the tiny patterned corpus (fixed phrases in random order) and the vocabulary size."""
-    prepared = prepare(tiny_corpus, tmp_path / "prepared", log=lambda message: None)
+    prepared = prepare(tiny_corpus, tmp_path / "prepared")
     return torch.as_tensor(prepared.ids("train").astype("int64")), len(prepared.vocab)
 
 

@@ -39,15 +39,11 @@ RUN_FILES = {"config.json", "vocab.json", "model.safetensors", "last.safetensors
 TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\..+\.tmp$|^\.tmp\w{6}$")
 
 
-def quiet(message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", log=quiet, **{**TINY_MODEL, "eval_context": 8})
+    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
     return root / "run"
 
 
@@ -297,17 +293,17 @@ def test_a_vocabulary_that_grew_is_refused_naming_the_embedding_shape(run_copy):
 
 def test_a_checkpoint_from_another_run_is_refused_on_resume(run_copy, tmp_path):
     other = tmp_path / "other"
-    neurallm.train(write_patterned_corpus(tmp_path / "corpus2", lines=60), other, log=quiet,
+    neurallm.train(write_patterned_corpus(tmp_path / "corpus2", lines=60), other,
                    **{**TINY_MODEL, "eval_context": 8, "nhid": 24})
     shutil.copy(other / "last.safetensors", run_copy / "last.safetensors")
     with pytest.raises(RunDirError, match="last.safetensors: weight .* has shape"):
-        neurallm.train(None, run_copy, resume=True, log=quiet, epochs=2)
+        neurallm.train(None, run_copy, resume=True, epochs=2)
 
 
 def test_weights_without_training_state_cannot_be_resumed(run_copy):
     shutil.copy(run_copy / "model.safetensors", run_copy / "last.safetensors")
     with pytest.raises(RunDirError, match="holds no training state"):
-        neurallm.train(None, run_copy, resume=True, log=quiet, epochs=2)
+        neurallm.train(None, run_copy, resume=True, epochs=2)
 
 
 @pytest.mark.parametrize("name, content, expected", [

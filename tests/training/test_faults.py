@@ -9,6 +9,7 @@ makes its gradient infinite, which the clipped gradient norm reveals.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -73,14 +74,15 @@ def training_state(run: Path) -> dict:
 
 @pytest.mark.parametrize("clip", [0.25, 0.0], ids=["clip", "no-clip"])
 @pytest.mark.parametrize("kind", ["nan", "inf-grad"])
-def test_one_fault_restores_lowers_the_lr_once_and_training_completes(kind, clip, corpus, tmp_path, monkeypatch):
+def test_one_fault_restores_lowers_the_lr_once_and_training_completes(kind, clip, corpus, tmp_path, monkeypatch, caplog):
     settings = {**SETTINGS, "clip": clip}
     clean = tmp_path / "clean"
-    neurallm.train(corpus, clean, log=lambda message: None, **settings)
+    neurallm.train(corpus, clean, **settings)
     faulty = tmp_path / "faulty"
-    messages: list[str] = []
     calls = inject_faults(monkeypatch, {5}, kind)
-    result = neurallm.train(corpus, faulty, log=messages.append, **settings)
+    with caplog.at_level(logging.INFO, logger="neurallm"):
+        result = neurallm.train(corpus, faulty, **settings)
+    messages = caplog.messages
     assert calls["n"] > 5  # the fault was injected and training went on
     assert result.stopped_by == "epochs" and result.epochs_completed == 2
     warnings = [m for m in messages if m.startswith("warning: non-finite loss")]
@@ -96,7 +98,7 @@ def test_one_fault_restores_lowers_the_lr_once_and_training_completes(kind, clip
 def test_the_fault_restores_the_weights_of_the_last_checkpoint(corpus, tmp_path, monkeypatch):
     """Checkpoints only at epoch ends: a fault at step 5 of epoch 2 throws away steps 1-4 of that epoch."""
     run = tmp_path / "run"
-    neurallm.train(corpus, run, log=lambda message: None, **{**SETTINGS, "epochs": 1})
+    neurallm.train(corpus, run, **{**SETTINGS, "epochs": 1})
     end_of_epoch_1 = load_file(run / "last.safetensors")
     seen = []
     original = Trainer.restore_last
@@ -108,7 +110,7 @@ def test_the_fault_restores_the_weights_of_the_last_checkpoint(corpus, tmp_path,
 
     monkeypatch.setattr(Trainer, "restore_last", spy)
     inject_faults(monkeypatch, {5})
-    neurallm.train(None, run, resume=True, log=lambda message: None, epochs=2)
+    neurallm.train(None, run, resume=True, epochs=2)
     assert [full for full, _, _ in seen] == [True, False]  # the resume itself, then the fault
     _, before, after = seen[1]
     assert any(not torch.equal(before[name], end_of_epoch_1[f"model.{name}"]) for name in before)  # 4 steps moved it
@@ -120,7 +122,7 @@ def test_a_second_fault_stops_training_with_the_checkpoints_intact(corpus, tmp_p
     run = tmp_path / "run"
     inject_faults(monkeypatch, {5, 30})  # 30: in epoch 2, after the epoch-1 checkpoints were written
     with pytest.raises(neurallm.TrainingError, match="non-finite loss again at epoch 2.*intact: lower --lr or --clip"):
-        neurallm.train(corpus, run, log=lambda message: None, **SETTINGS)
+        neurallm.train(corpus, run, **SETTINGS)
     monkeypatch.undo()
     assert [r["epoch"] for r in metrics(run)] == [1]
     for checkpoint in ("best", "last"):

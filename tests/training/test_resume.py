@@ -15,6 +15,7 @@ exact too.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 from pathlib import Path
@@ -35,10 +36,6 @@ VARIANTS = {
     "lstm-adamw": {"optimizer": "adamw", "lr": 3e-3, "warmup": 4},
     "transformer-memory": {"model": "Transformer", "memory": 4, "nhead": 2},
 }
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 class SimulatedCrash(BaseException):
@@ -93,16 +90,16 @@ def uninterrupted(corpus, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("uninterrupted")
     runs = {}
     for name, extra in VARIANTS.items():
-        neurallm.train(corpus, root / name, log=quiet, **{**SETTINGS, **extra})
+        neurallm.train(corpus, root / name, **{**SETTINGS, **extra})
         runs[name] = root / name
     return runs
 
 
 def test_extending_epochs_equals_an_uninterrupted_run(corpus, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    neurallm.train(corpus, run, log=quiet, **{**SETTINGS, "epochs": 1})
+    neurallm.train(corpus, run, **{**SETTINGS, "epochs": 1})
     assert len(losses(run)) == 1
-    result = neurallm.train(None, run, resume=True, log=quiet, epochs=2)
+    result = neurallm.train(None, run, resume=True, epochs=2)
     assert result.epochs_completed == 2
     assert losses(run) == losses(uninterrupted["lstm-sgd"])
     assert_same_weights(run / "last.safetensors", uninterrupted["lstm-sgd"] / "last.safetensors")
@@ -112,7 +109,8 @@ def test_extending_epochs_equals_an_uninterrupted_run(corpus, uninterrupted, tmp
 
 @pytest.mark.parametrize("where", ["after-epoch-1", "mid-epoch-2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_crashed_run_resumes_exactly(variant, where, corpus, uninterrupted, windows_per_epoch, tmp_path, monkeypatch):
+def test_crashed_run_resumes_exactly(variant, where, corpus, uninterrupted, windows_per_epoch, tmp_path, monkeypatch,
+                                     caplog):
     run = tmp_path / "run"
     settings = {**SETTINGS, **VARIANTS[variant]}
     if where == "after-epoch-1":
@@ -124,9 +122,11 @@ def test_crashed_run_resumes_exactly(variant, where, corpus, uninterrupted, wind
     with monkeypatch.context() as patch:
         crash_at_step(patch, crash_step)
         with pytest.raises(SimulatedCrash):
-            neurallm.train(corpus, run, log=quiet, save_every=save_every, **settings)
-    messages = []
-    neurallm.train(None, run, resume=True, log=messages.append)
+            neurallm.train(corpus, run, save_every=save_every, **settings)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neurallm"):
+        neurallm.train(None, run, resume=True)
+    messages = caplog.messages
     expected_window = 0 if where == "after-epoch-1" else crash_step - 1 - windows_per_epoch
     assert messages[0] == f"resuming {run} at epoch 2, batch {expected_window}"
     reference = uninterrupted[variant]
@@ -136,7 +136,7 @@ def test_crashed_run_resumes_exactly(variant, where, corpus, uninterrupted, wind
 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(corpus, uninterrupted, windows_per_epoch, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, caplog):
     """Ctrl-C finishes the step, saves the state and stops; --resume picks up at the next window."""
     original = Trainer._step
     calls = {"n": 0}
@@ -151,10 +151,12 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(corpus, uninte
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "_step", step_then_ctrl_c)
-        stopped = neurallm.train(corpus, run, log=quiet, **SETTINGS)
+        stopped = neurallm.train(corpus, run, **SETTINGS)
     assert stopped.stopped_by == "interrupt" and stopped.epochs_completed == 1
-    messages = []
-    neurallm.train(None, run, resume=True, log=messages.append)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neurallm"):
+        neurallm.train(None, run, resume=True)
+    messages = caplog.messages
     assert messages[0] == f"resuming {run} at epoch 2, batch 3"
     assert losses(run) == losses(uninterrupted["lstm-sgd"])
     assert_same_weights(run / "last.safetensors", uninterrupted["lstm-sgd"] / "last.safetensors")
@@ -164,12 +166,12 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(corpus, uninte
 def test_max_time_stop_then_extension_equals_an_uninterrupted_run(corpus, tmp_path, variant):
     settings = {**SETTINGS, **VARIANTS[variant], "max_time": 1000.0}
     reference = tmp_path / "reference"
-    neurallm.train(corpus, reference, log=quiet, **settings)
+    neurallm.train(corpus, reference, **settings)
     run = tmp_path / "run"
-    stopped = neurallm.train(corpus, run, log=quiet, **{**settings, "max_time": 1e-9})  # stops after the first step
+    stopped = neurallm.train(corpus, run, **{**settings, "max_time": 1e-9})  # stops after the first step
     assert stopped.stopped_by == "max_time" and stopped.epochs_completed == 0
     assert losses(run)[-1][2] is False  # the partial epoch was validated and recorded as incomplete
-    result = neurallm.train(None, run, resume=True, log=quiet, max_time=1000.0)
+    result = neurallm.train(None, run, resume=True, max_time=1000.0)
     assert result.stopped_by == "epochs" and result.epochs_completed == 2
     complete = [record for record in losses(run) if record[2]]
     assert complete == losses(reference)  # the completed epochs' train loss covers the whole epoch, both parts
@@ -179,7 +181,7 @@ def test_max_time_stop_then_extension_equals_an_uninterrupted_run(corpus, tmp_pa
 @pytest.fixture(scope="module")
 def finished_run(corpus, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
-    neurallm.train(corpus, run, log=quiet, **{**SETTINGS, "epochs": 1})
+    neurallm.train(corpus, run, **{**SETTINGS, "epochs": 1})
     return run
 
 
@@ -196,7 +198,7 @@ def finished_run(corpus, tmp_path_factory) -> Path:
 def test_resume_with_a_changed_setting_is_an_error_naming_the_flag(finished_run, change, flag):
     before = (finished_run / "last.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="only --epochs and --max-time may change") as error:
-        neurallm.train(None, finished_run, resume=True, log=quiet, **change)
+        neurallm.train(None, finished_run, resume=True, **change)
     assert flag in str(error.value)
     assert (finished_run / "last.safetensors").read_bytes() == before
 
@@ -204,13 +206,13 @@ def test_resume_with_a_changed_setting_is_an_error_naming_the_flag(finished_run,
 def test_resume_with_other_data_is_an_error(finished_run, tmp_path):
     other = write_patterned_corpus(tmp_path / "other", lines=60, seed=1)
     with pytest.raises(ConfigError, match=r"--data .*other differs from the run's"):
-        neurallm.train(other, finished_run, resume=True, log=quiet)
+        neurallm.train(other, finished_run, resume=True)
 
 
 def test_resume_with_the_same_settings_repeated_is_accepted(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    result = neurallm.train(None, run, resume=True, log=quiet, lr=SETTINGS["lr"], bptt=SETTINGS["bptt"], model="LSTM")
+    result = neurallm.train(None, run, resume=True, lr=SETTINGS["lr"], bptt=SETTINGS["bptt"], model="LSTM")
     assert result.epochs_completed == 1  # nothing left to do: the run already reached its epochs
 
 
@@ -218,11 +220,11 @@ def test_resume_detects_changed_data_behind_the_same_path(corpus, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     run = tmp_path / "run"
-    neurallm.train(data, run, log=quiet, **{**SETTINGS, "epochs": 1})
+    neurallm.train(data, run, **{**SETTINGS, "epochs": 1})
     with open(data / "train.txt", "a", encoding="utf-8") as f:
         f.write("the cat sat on the mat\n")
     with pytest.raises(neurallm.TrainingError, match="resume with the original data"):
-        neurallm.train(None, run, resume=True, log=quiet, epochs=2)
+        neurallm.train(None, run, resume=True, epochs=2)
 
 
 def test_resume_of_a_run_without_a_checkpoint_says_to_start_again(finished_run, tmp_path):
@@ -230,4 +232,4 @@ def test_resume_of_a_run_without_a_checkpoint_says_to_start_again(finished_run, 
     shutil.copytree(finished_run, run)
     (run / "last.safetensors").unlink()  # as a kill between config.json and the first checkpoint leaves it
     with pytest.raises(RunDirError, match="nothing to resume; start it again with .* --force"):
-        neurallm.train(None, run, resume=True, log=quiet)
+        neurallm.train(None, run, resume=True)

@@ -1,23 +1,28 @@
 """Where text comes from: a folder of splits, one text file, a CSV, a JSONL file or a registered dataset.
 
-Every source ends up as the same thing, a :class:`Corpus`: for each split (train/valid/test) a way to read
-its lines of text. Sources that are a single file are cut into three contiguous blocks of lines by
-``split_ratios`` (first 90% train, next 5% valid, last 5% test by default) so that the split is deterministic
-and each block stays running text, as BPTT needs.
+Every source ends up as the same thing, a :class:`Corpus`: its files, each read once from start to end as
+lines of text, and which split each line belongs to. Sources that are a single file are cut into three
+contiguous blocks of lines by ``split_ratios`` (first 90% train, next 5% valid, last 5% test by default) so
+that the split is deterministic and each block stays running text, as BPTT needs.
 
-Encoding policy: files are read as strict UTF-8 (or the ``--encoding`` given); a byte sequence that does not
-decode is an error naming the file and the byte offset, never silently replaced.
+Encoding policy: files are read as strict UTF-8 (or the ``--encoding`` given, UTF-16 included); a UTF-8
+byte-order mark is dropped; a byte sequence that does not decode is an error naming the file and the byte's
+offset in it, never silently replaced.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import hashlib
+import functools
+import io
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from neurallm.data import registry
 from neurallm.errors import ConfigError, DataError
@@ -80,32 +85,84 @@ class SourceSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a corpus and how its bytes become lines of text.
+
+    Attributes:
+        path: the file.
+        split: the split it holds; None when it holds all three, cut by ``split_ratios`` (see :class:`Corpus`).
+        read: lines of text (without line breaks) from the opened text stream.
+        encoding: text encoding, decoded strictly.
+        newline: ``newline`` argument of :func:`open` (the csv module wants ``""``).
+    """
+
+    path: Path
+    split: str | None
+    read: Callable[[TextIO], Iterator[str]] = field(repr=False)
+    encoding: str = "utf-8"
+    newline: str | None = None
+
+    def lines(self, digest=None) -> Iterator[str]:
+        """Read the file once from start to end; ``digest`` (a hashlib object) sees every byte read."""
+        try:
+            with _open_text(self.path, self.encoding, self.newline, digest) as f:
+                yield from self.read(f)
+        except UnicodeDecodeError:
+            raise _decoding_error(self.path, self.encoding) from None
+
+
 @dataclass
 class Corpus:
-    """The three splits of a source, each readable as an iterator over lines of text (without line breaks)."""
+    """The files of a source, each read once in order, and how their lines fall into train/valid/test.
+
+    A folder source has one file per split. A single-file source has one file holding every split: its
+    lines are cut by ``split_ratios`` once their number is known.
+    """
 
     description: str
-    files: list[Path]
-    read_split: dict[str, Callable[[], Iterator[str]]] = field(repr=False)
+    sources: list[SourceFile]
+    split_ratios: tuple[float, float, float]
+
+    @property
+    def files(self) -> list[Path]:
+        return [source.path for source in self.sources]
 
     def lines(self, split: str) -> Iterator[str]:
-        return self.read_split[split]()
+        """The lines of one split (a single-file source is read twice here: once to count its lines)."""
+        whole = self.sources[0]
+        if whole.split is not None:
+            yield from next(source for source in self.sources if source.split == split).lines()
+            return
+        start, stop = split_bounds(sum(1 for _ in whole.lines()), self.split_ratios, whole.path)[split]
+        yield from itertools.islice(whole.lines(), start, stop)
 
-    def fingerprint(self, settings: SourceSettings) -> str:
-        """Hash of the source files' bytes and of how they are read (not of their path or mtime)."""
-        digest = hashlib.sha256()
-        reading = {k: v for k, v in settings.to_dict().items() if k not in ("data", "location")}
-        digest.update(json.dumps(reading, sort_keys=True).encode())
+    def identity(self) -> list[list]:
+        """Cheap identity of the files: path, size, modification and change times, inode (as make and git use).
+
+        Equal identities mean the bytes were not touched, so a prepared copy may be reused without reading them.
+        """
+        out = []
         for path in self.files:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            digest.update(b"\0")
-        return digest.hexdigest()
+            st = path.stat()
+            out.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+        return out
+
+
+def split_bounds(total: int, ratios: tuple[float, float, float], path: Path) -> dict[str, tuple[int, int]]:
+    """Contiguous [start, stop) line ranges of train/valid/test for a single file of ``total`` lines."""
+    n_train = int(total * ratios[0])
+    n_valid = int(total * ratios[1])
+    if n_train == 0 or n_valid == 0 or total - n_train - n_valid == 0:
+        raise DataError(
+            f"--data {path}: {total} lines/records are too few to split {ratios}; "
+            "give more text or a folder with train.txt/valid.txt/test.txt"
+        )
+    return {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, total)}
 
 
 def open_corpus(settings: SourceSettings) -> Corpus:
-    """Detect the kind of ``settings.data`` and return its splits.
+    """Detect the kind of ``settings.data`` and return its files; only the first bytes of each file are read here.
 
     Raises:
         DataError: the path does not exist, a split file is missing, a file is empty or binary, a CSV
@@ -122,16 +179,16 @@ def open_corpus(settings: SourceSettings) -> Corpus:
         return _open_folder(path, settings)
     if path.is_dir():
         raise DataError(f"--data {path} is a folder but --format {kind} expects a file")
-    _check_text_file(path)
+    _check_text_file(path, settings.encoding)
     if kind == "text":
-        return _split_single_source(path, settings, lambda: _read_text_lines(path, settings.encoding))
+        return _single_file(path, settings, _text_lines)
     if kind == "csv":
         columns = _csv_columns(path, settings)
-        return _split_single_source(path, settings, lambda: _read_csv_rows(path, columns, settings.encoding))
+        return _single_file(path, settings, functools.partial(_csv_rows, path=path, columns=columns), newline="")
     if kind == "jsonl":
         if not settings.text_field:
             raise DataError(f"--data {path} is JSONL: name the key holding the text with --text-field")
-        return _split_single_source(path, settings, lambda: _read_jsonl(path, settings.text_field, settings.encoding))
+        return _single_file(path, settings, functools.partial(_jsonl_texts, path=path, field_name=settings.text_field))
     raise AssertionError(kind)
 
 
@@ -178,8 +235,8 @@ def _open_registered(settings: SourceSettings) -> Corpus:
         return _open_split_files(folder, spec_layout, settings)
     if "all" in spec.split_files and not any(_find_split_file(folder, s) for s in SPLITS):
         path = folder / spec.split_files["all"]
-        _check_text_file(path)
-        return _split_single_source(path, settings, lambda: _read_text_lines(path, settings.encoding))
+        _check_text_file(path, settings.encoding)
+        return _single_file(path, settings, _text_lines)
     return _open_folder(folder, settings)
 
 
@@ -204,74 +261,116 @@ def _open_folder(folder: Path, settings: SourceSettings) -> Corpus:
 
 def _open_split_files(folder: Path, paths: dict[str, Path], settings: SourceSettings) -> Corpus:
     for path in paths.values():
-        _check_text_file(path)
-    readers = {split: (lambda p=path: _read_text_lines(p, settings.encoding)) for split, path in paths.items()}
-    return Corpus(description=str(folder), files=[paths[s] for s in SPLITS], read_split=readers)
+        _check_text_file(path, settings.encoding)
+    files = [SourceFile(paths[split], split, _text_lines, settings.encoding) for split in SPLITS]
+    return Corpus(description=str(folder), sources=files, split_ratios=settings.split_ratios)
 
 
-def _split_single_source(path: Path, settings: SourceSettings, read_all: Callable[[], Iterator[str]]) -> Corpus:
-    """Cut one sequence of lines into contiguous train/valid/test blocks by ``settings.split_ratios``."""
-    total = sum(1 for _ in read_all())
-    n_train = int(total * settings.split_ratios[0])
-    n_valid = int(total * settings.split_ratios[1])
-    if n_train == 0 or n_valid == 0 or total - n_train - n_valid == 0:
-        raise DataError(
-            f"--data {path}: {total} lines/records are too few to split {settings.split_ratios}; "
-            "give more text or a folder with train.txt/valid.txt/test.txt"
-        )
-    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, total)}
+def _single_file(path: Path, settings: SourceSettings, read: Callable[[TextIO], Iterator[str]],
+                 newline: str | None = None) -> Corpus:
+    """A file holding all three splits: contiguous blocks of lines by ``settings.split_ratios``, so that the
+    split is deterministic and each block stays running text, as BPTT needs."""
+    return Corpus(description=f"{path} (lines split {settings.split_ratios})",
+                  sources=[SourceFile(path, None, read, settings.encoding, newline)], split_ratios=settings.split_ratios)
 
-    def reader(start: int, stop: int) -> Iterator[str]:
-        for i, line in enumerate(read_all()):
-            if i >= stop:
+
+def _decoding(encoding: str) -> str:
+    """The codec to read ``encoding`` with: UTF-8 also drops a leading byte-order mark (Windows editors and Excel
+    write one), which would otherwise stick to the first word or to the first CSV column's name."""
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+class _HashingReader(io.RawIOBase):
+    """A binary file that shows every byte it reads to a hashlib object: the bytes are hashed while they are
+    parsed, so preparing a corpus reads each file once."""
+
+    def __init__(self, path: Path, digest) -> None:
+        self._file = open(path, "rb")
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        if n:
+            self._digest.update(memoryview(buffer)[:n])
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_text(path: Path, encoding: str, newline: str | None = None, digest=None) -> TextIO:
+    if digest is None:
+        return open(path, encoding=_decoding(encoding), errors="strict", newline=newline)
+    raw = io.BufferedReader(_HashingReader(path, digest), buffer_size=1 << 20)
+    return io.TextIOWrapper(raw, encoding=_decoding(encoding), errors="strict", newline=newline)
+
+
+def _decoding_error(path: Path, encoding: str) -> DataError:
+    """The error for a file that does not decode, with the offset of the first bad byte in the *file*.
+
+    Python's text reader reports offsets within the block it was decoding, which mean nothing to the user;
+    so the file is decoded again, block by block, to find where the bad bytes are (only on this error path).
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    with open(path, "rb") as f:
+        offset = 3 if _decoding(encoding) == "utf-8-sig" and f.read(3) == codecs.BOM_UTF8 else 0
+        f.seek(offset)
+        for block in itertools.chain(iter(lambda: f.read(1 << 16), b""), [None]):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block's end
+            try:
+                decoder.decode(block or b"", final=block is None)
+            except UnicodeDecodeError as exc:
+                where, reason = f"byte {offset - pending + exc.start} of the file", exc.reason
                 break
-            if i >= start:
-                yield line
+            offset += len(block or b"")
+        else:
+            where, reason = "somewhere", "it does not decode"
+    return DataError(f"{path} is not valid {encoding} ({where}: {reason}); "
+                     "convert it to UTF-8 or pass --encoding (e.g. --encoding latin-1)")
 
-    readers = {split: (lambda b=b: reader(*b)) for split, b in bounds.items()}
-    return Corpus(description=f"{path} (lines split {settings.split_ratios})", files=[path], read_split=readers)
 
-
-def _check_text_file(path: Path) -> None:
+def _check_text_file(path: Path, encoding: str = "utf-8") -> None:
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     with open(path, "rb") as f:
         head = f.read(8192)
     if not head:
         raise DataError(f"{path} is empty; give a file with text in it")
-    if b"\0" in head:
+    wide = _wide_encoding_by_mark(head)
+    if wide and not codecs.lookup(encoding).name.startswith(wide):
+        raise DataError(f"{path} starts with a {wide.upper()} byte-order mark; read it with --encoding {wide}")
+    # NUL characters mark a binary file; look for them in the decoded text, since UTF-16 and UTF-32 text is full
+    # of NUL bytes (a bad byte here is reported, with its offset, when the file is read)
+    if "\0" in codecs.getincrementaldecoder(_decoding(encoding))(errors="replace").decode(head):
         raise DataError(f"{path} looks binary (it contains NUL bytes); give a text file")
 
 
-def _decode_errors(path: Path, encoding: str):
-    """Context that turns a decoding failure into a DataError naming the file."""
-
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, exc_type, exc, tb):
-            if isinstance(exc, UnicodeDecodeError):
-                raise DataError(
-                    f"{path} is not valid {encoding} (byte {exc.start} of a read block: {exc.reason}); "
-                    "convert it to UTF-8 or pass --encoding (e.g. --encoding latin-1)"
-                ) from exc
-            return False
-
-    return _Guard()
+def _wide_encoding_by_mark(head: bytes) -> str | None:
+    """``utf-16``/``utf-32`` when ``head`` starts with their byte-order mark (UTF-32 LE's begins like UTF-16 LE's)."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
-def _read_text_lines(path: Path, encoding: str) -> Iterator[str]:
-    with _decode_errors(path, encoding), open(path, encoding=encoding, errors="strict", newline=None) as f:
-        for line in f:
-            yield line.rstrip("\n")
+def _text_lines(f: TextIO) -> Iterator[str]:
+    for line in f:
+        yield line.rstrip("\n")
 
 
 def _csv_columns(path: Path, settings: SourceSettings) -> list[int]:
     if not settings.text_column:
         raise DataError(f"--data {path} is a CSV: name the text columns with --text-column (e.g. title,description)")
-    with _decode_errors(path, settings.encoding), open(path, encoding=settings.encoding, newline="") as f:
-        header = next(csv.reader(f, dialect=_csv_dialect(path)), None)
+    try:
+        with _open_text(path, settings.encoding, newline="") as f:
+            header = next(csv.reader(f, dialect=_csv_dialect(path)), None)
+    except UnicodeDecodeError:
+        raise _decoding_error(path, settings.encoding) from None
     if not header:
         raise DataError(f"{path}: the CSV has no header row; its first row must name the columns")
     wanted = [c.strip() for c in settings.text_column.split(",") if c.strip()]
@@ -285,32 +384,30 @@ def _csv_dialect(path: Path) -> type[csv.Dialect]:
     return csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
 
 
-def _read_csv_rows(path: Path, columns: list[int], encoding: str) -> Iterator[str]:
+def _csv_rows(f: TextIO, *, path: Path, columns: list[int]) -> Iterator[str]:
     """One line of text per CSV row: the chosen columns joined by a space, inner line breaks made spaces."""
-    with _decode_errors(path, encoding), open(path, encoding=encoding, newline="") as f:
-        rows = csv.reader(f, dialect=_csv_dialect(path))
-        next(rows, None)
-        for row_number, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) <= max(columns):
-                raise DataError(f"{path}, row {row_number}: has {len(row)} fields, fewer than the header; fix that row")
-            text = " ".join(row[i] for i in columns)
-            yield " ".join(text.splitlines())
+    rows = csv.reader(f, dialect=_csv_dialect(path))
+    next(rows, None)
+    for row_number, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        if len(row) <= max(columns):
+            raise DataError(f"{path}, row {row_number}: has {len(row)} fields, fewer than the header; fix that row")
+        text = " ".join(row[i] for i in columns)
+        yield " ".join(text.splitlines())
 
 
-def _read_jsonl(path: Path, field_name: str, encoding: str) -> Iterator[str]:
-    with _decode_errors(path, encoding), open(path, encoding=encoding) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {line_number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            except RecursionError:  # json's decoder recurses once per nesting level
-                raise DataError(f"{path}, line {line_number}: JSON nested too deeply to read; each line must be one JSON object") from None
-            if not isinstance(record, dict) or field_name not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"--text-field {field_name}: not in {path} line {line_number}; it has: {keys}")
-            yield " ".join(str(record[field_name]).splitlines())
+def _jsonl_texts(f: TextIO, *, path: Path, field_name: str) -> Iterator[str]:
+    for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {line_number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise DataError(f"{path}, line {line_number}: JSON nested too deeply to read; each line must be one JSON object") from None
+        if not isinstance(record, dict) or field_name not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"--text-field {field_name}: not in {path} line {line_number}; it has: {keys}")
+        yield " ".join(str(record[field_name]).splitlines())

@@ -1,36 +1,67 @@
 """Id streams on disk: a prepared corpus is a folder of ``{split}.npy`` files plus ``vocab.json`` and ``meta.json``.
 
 The ids of a split are one flat array in the smallest unsigned dtype that holds the vocabulary, read back
-memory-mapped, so a corpus never has to fit in memory as Python lists. The folder is keyed by a hash of the
-source bytes and of the tokenizer and vocabulary settings: training on the same data with the same settings
-reuses it, any change prepares a new one.
+memory-mapped, so a corpus never has to fit in memory as Python lists.
+
+Preparing reads each source file once, streaming::
+
+    bytes ─► lines ─► tokens ─► provisional ids ──► temp file (4 bytes a token)
+      └─ hashed on the way (the content key)         │
+                              train's provisional ids ─► counts ─► vocabulary ─► remap table
+                                             every split's provisional ids ─► remap ─► {split}.npy
+
+Provisional ids number the token types in order of first appearance, from a growing dictionary. They exist
+because the real ids (ordered by frequency in train) are known only once train has been read, and the
+split points of a single-file source only once all its lines are counted: holding the tokens until then
+costs memory in proportion to the corpus, reading the source a second time costs time. Memory stays bounded
+by the vocabulary and a few blocks of ids, whatever the corpus size.
+
+Reuse: a folder records the identity of the files it was made from (path, size, modification and change
+times, inode) with the settings; while they are unchanged, preparing again only checks the folder and
+reads no source byte. Its ``key`` hashes the source bytes and the settings, whatever the path.
+
+Guarantees (see the README's Reliability section): a prepared folder is written into a temp folder beside it
+and swapped in whole, so it is all-old or all-new; loading checks every array against ``meta.json`` (length,
+dtype, 1-D shape, largest id below the vocabulary size, SHA-256 of the ids) and refuses a mismatch with one
+line; ``prepare --out`` writes only into a new or empty folder or into its own earlier output.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
+import logging
+import os
 import tempfile
-from collections import Counter
+from array import array
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from neurallm.data.registry import cache_dir
-from neurallm.data.sources import SPLITS, Corpus, SourceSettings, open_corpus
+from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
 from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, build_vocab
 from neurallm.errors import ConfigError, DataError
-from neurallm.fileio import atomic_path, atomic_write_json, atomic_write_text
-from neurallm.runtime import log_line
+from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
 from neurallm.settings import setting
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
-FORMAT_VERSION = 2  # 2: per-split bytes and chars in meta.json (for bits per byte), BPE
-_CHUNK = 1 << 16  # tokens encoded per write
+SPLIT_FILES = tuple(f"{split}.npy" for split in SPLITS)
+FORMAT_VERSION = 3  # 2: whole-folder swap, per-split dtype, max_id and sha256 in meta; 3: chars and bytes per split, BPE
+_PROVISIONAL = np.dtype(np.uint32)
+_SPOOL_ITEMS = 1 << 18  # provisional ids held in memory before they are appended to the temp file
+_BLOCK = 1 << 20  # ids remapped and written per step (4 MB of provisional ids)
+_MAX_META_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,29 +96,129 @@ class PreparedCorpus:
         return TokenizerSettings(**self.meta["tokenizer"])
 
 
-def corpus_key(fingerprint: str, tokenizer: TokenizerSettings, vocab: VocabSettings | Vocab) -> str:
-    """Hash naming a prepared corpus: same source bytes and settings, same key."""
-    vocab_part = vocab.to_json() if isinstance(vocab, Vocab) else json.dumps(asdict(vocab), sort_keys=True)
-    payload = json.dumps([FORMAT_VERSION, fingerprint, tokenizer.to_dict(), vocab_part], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def settings_key(source: SourceSettings, tokenizer: TokenizerSettings, vocab: VocabSettings | Vocab) -> str:
+    """Hash of how the source is read, tokenized and given ids (not of where it is)."""
+    reading = {k: v for k, v in source.to_dict().items() if k not in ("data", "location")}
+    vocab_part = vocab.to_json() if isinstance(vocab, Vocab) else asdict(vocab)
+    return _hash(FORMAT_VERSION, reading, tokenizer.to_dict(), vocab_part)
 
 
 def is_prepared(folder: Path) -> bool:
     return (Path(folder) / META_FILE).is_file() and (Path(folder) / VOCAB_FILE).is_file()
 
 
-def load_prepared(folder: Path) -> PreparedCorpus:
-    folder = Path(folder)
+def _read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
     try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{folder / META_FILE} cannot be read ({exc}); run `neurallm prepare` again") from None
+        if path.stat().st_size > _MAX_META_BYTES:
+            raise DataError(f"{path} is {path.stat().st_size:,} bytes, too large for a neurallm meta.json; "
+                            "run `neurallm prepare` again")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); run `neurallm prepare` again") from None
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise DataError(f"{path} is not the meta.json of a neurallm prepared corpus; run `neurallm prepare` again")
+    return meta
+
+
+def load_prepared(folder: Path) -> PreparedCorpus:
+    """Open a prepared folder after checking each array against ``meta.json``.
+
+    Raises:
+        DataError: the folder is incomplete, from another format version, or its files do not belong together
+            (one line naming the file and what differs).
+    """
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{folder} was prepared by another neurallm version (format {meta['format_version']}, this one "
+                        f"reads {FORMAT_VERSION}); run `neurallm prepare` again")
     vocab = Vocab.from_json((folder / VOCAB_FILE).read_text(encoding="utf-8"), folder / VOCAB_FILE)
     vocab.bpe = load_bpe_beside(folder)
-    missing = [s for s in SPLITS if not (folder / f"{s}.npy").is_file()]
+    missing = [name for name in SPLIT_FILES if not (folder / name).is_file()]
     if missing:
-        raise DataError(f"{folder}: prepared corpus lacks {', '.join(missing)}.npy; run `neurallm prepare` again")
+        raise DataError(f"{folder}: prepared corpus lacks {', '.join(missing)}; run `neurallm prepare` again")
+    try:
+        if meta["vocab_size"] != len(vocab):
+            raise _Mismatch(folder / VOCAB_FILE, f"{len(vocab):,} tokens, meta.json says {meta['vocab_size']:,}")
+        for split in SPLITS:
+            _check_split(folder / f"{split}.npy", meta["splits"][split]["tokens"], meta["arrays"][split], len(vocab))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{folder / META_FILE} lacks or garbles an entry ({exc!r}); run `neurallm prepare` again") from None
+    except _Mismatch as exc:
+        raise DataError(f"{exc.path} does not match {folder / META_FILE} ({exc.what}): the folder is damaged or mixes "
+                        "two preparations; run `neurallm prepare` again") from None
     return PreparedCorpus(folder, vocab, meta)
+
+
+class _Mismatch(Exception):
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(what)
+        self.path, self.what = path, what
+
+
+def _check_split(path: Path, n_tokens: int, entry: dict, vocab_size: int) -> None:
+    """Header, length and digest of one ``.npy`` against its meta entry; the ids are read once, in blocks
+    (ordinary reads: nothing stays mapped), which costs about 5 ms per million uint16 ids."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"format version {version}")
+            shape, fortran_order, dtype = read_header[version](f)
+        except ValueError as exc:
+            raise _Mismatch(path, f"not a NumPy array file: {exc}") from None
+        if dtype != np.dtype(entry["dtype"]) or dtype.kind != "u" or dtype.hasobject:
+            raise _Mismatch(path, f"dtype {dtype}, meta.json says {entry['dtype']}")
+        if len(shape) != 1 or fortran_order:
+            raise _Mismatch(path, f"shape {shape}, expected one dimension")
+        if shape[0] != n_tokens:
+            raise _Mismatch(path, f"{shape[0]:,} ids, meta.json says {n_tokens:,}")
+        if not 0 <= int(entry["max_id"]) < vocab_size:
+            raise _Mismatch(path, f"largest id {entry['max_id']} is not below the vocabulary size {vocab_size:,}")
+        digest, remaining = hashlib.sha256(), shape[0] * dtype.itemsize
+        for block in iter(lambda: f.read(min(remaining, 1 << 22)), b""):
+            digest.update(block)
+            remaining -= len(block)
+        if remaining or f.read(1):
+            raise _Mismatch(path, "the file's size does not match its header")
+        if digest.hexdigest() != entry["sha256"]:
+            raise _Mismatch(path, "the ids' SHA-256 differs")
+
+
+def check_out_folder(folder: Path) -> None:
+    """``prepare --out`` writes only into a new or empty folder or into its own earlier output.
+
+    Its own output is a folder whose meta.json parses as a neurallm prepared corpus and that holds nothing
+    else than the files prepare writes: replacing anything else could destroy a run's vocab.json or a user's files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DataError(f"--out {folder} is a file; prepare writes a folder: choose a new or empty folder")
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        return
+    foreign = sorted(names - {META_FILE, VOCAB_FILE, *SPLIT_FILES})
+    own = not foreign and META_FILE in names and _parses_as_meta(folder)
+    if not own:
+        shown = ", ".join(foreign[:3]) if foreign else "a meta.json that is not neurallm's"
+        raise DataError(f"--out {folder} holds files prepare did not write ({shown}); prepare writes only into a new "
+                        "or empty folder or its own earlier output: choose another --out")
+
+
+def _parses_as_meta(folder: Path) -> bool:
+    try:
+        meta = _read_meta(folder)
+    except DataError:
+        return False
+    return isinstance(meta.get("splits"), dict) and "tokenizer" in meta and "vocab_size" in meta
 
 
 def prepare_corpus(
@@ -97,89 +228,232 @@ def prepare_corpus(
     *,
     out_dir: Path | None = None,
     vocab: Vocab | None = None,
-    log=log_line,
 ) -> PreparedCorpus:
-    """Tokenize and encode every split of ``source``, or reuse a folder already prepared with the same key.
+    """Tokenize and encode every split of ``source``, or reuse a folder prepared from the same files and settings.
 
     Args:
         source: where the text is and how to read it.
         tokenizer: how text becomes tokens.
         vocab_settings: how the vocabulary is built from the train split (ignored when ``vocab`` is given).
-        out_dir: where to write; default: the cache folder ``<cache>/prepared/<key>``.
+        out_dir: where to write (a new or empty folder, or an earlier output of prepare); default: the cache
+            folder ``<cache>/prepared/<source_key>``.
         vocab: encode with this vocabulary instead of building one (evaluating a trained model).
-        log: where progress messages go.
+
+    Raises:
+        DataError: unreadable source, too little text, or an ``out_dir`` that holds other files.
+        DiskFullError: the disk filled up; the previous folder is left as it was and the temp files are removed.
     """
     corpus = open_corpus(source)
-    key = corpus_key(corpus.fingerprint(source), tokenizer, vocab if vocab is not None else vocab_settings)
-    folder = Path(out_dir) if out_dir is not None else cache_dir() / "prepared" / key
+    settings = settings_key(source, tokenizer, vocab if vocab is not None else vocab_settings)
+    source_key = _hash(settings, corpus.identity())
+    folder = Path(out_dir) if out_dir is not None else cache_dir() / "prepared" / source_key
+    if out_dir is not None:
+        check_out_folder(folder)
     if is_prepared(folder):
-        prepared = load_prepared(folder)
-        if prepared.meta.get("key") == key:
-            return prepared
-        if out_dir is not None:
-            log(f"{folder} holds a corpus prepared with other settings; replacing it")
-    folder.mkdir(parents=True, exist_ok=True)
-
+        try:
+            prepared = load_prepared(folder)
+        except DataError as exc:
+            logger.info(f"preparing again: {exc}")
+        else:
+            if prepared.meta.get("source_key") == source_key:
+                return prepared
+            if out_dir is not None:
+                logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
+    vocab_given = vocab
     if vocab is None and tokenizer.level == "bpe":
         # the merges are learned from the train split only: valid and test text must not shape the tokens
         bpe = BPE.train((line.lower() if tokenizer.lowercase else line for line in corpus.lines("train")), tokenizer.vocab_size)
         vocab = Vocab(bpe.vocabulary(), bpe=bpe)
-    if vocab is None:
-        counts = Counter()
-        for line in corpus.lines("train"):
-            counts.update(tokenize_line(line, tokenizer))
-        if not counts:
-            raise DataError(f"{corpus.description}: the train split has no text")
-        vocab = build_vocab(counts, tokenizer.level, min_freq=vocab_settings.min_freq, max_vocab=vocab_settings.max_vocab)
+    writer = _Writer(corpus, tokenizer, folder, bpe=vocab.bpe if vocab is not None else None)
+    try:
+        with atomic_folder(folder) as tmp:
+            vocab = writer.write(tmp, vocab, vocab_settings)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "key": _hash(settings, writer.source_digest.hexdigest()),
+                "source_key": source_key,
+                "source": source.to_dict(),
+                "description": corpus.description,
+                "tokenizer": tokenizer.to_dict(),
+                "vocab_settings": asdict(vocab_settings),
+                "vocab_size": len(vocab),
+                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], **_text_units(corpus, split)}
+                           for split, a in writer.arrays.items()},
+                "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
+            }
+            # plain writes: the temp folder is swapped in whole, after atomic_folder has fsynced every file
+            (tmp / VOCAB_FILE).write_text(vocab.to_json(), encoding="utf-8")
+            if vocab.bpe is not None:
+                (tmp / TOKENIZER_FILE).write_text(vocab.bpe.to_json(), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(folder, writer.bytes_needed()) from None
+    # encoding with a given vocabulary is a step of evaluation, whose output (e.g. `eval --json`) is its result alone
+    level = logging.INFO if vocab_given is None else logging.DEBUG
+    for split, entry in meta["splits"].items():
+        logger.log(level, f"{split}: {entry['tokens']:,} tokens, {entry['unk']:,} replaced by <unk>")
+    return load_prepared(folder)  # what a later run will see, checked once now
 
-    splits = {split: _encode_split(corpus, split, tokenizer, vocab, folder / f"{split}.npy") for split in SPLITS}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "key": key,
-        "source": source.to_dict(),
-        "description": corpus.description,
-        "tokenizer": tokenizer.to_dict(),
-        "vocab_settings": asdict(vocab_settings),
-        "vocab_size": len(vocab),
-        "splits": splits,
-    }
-    atomic_write_text(folder / VOCAB_FILE, vocab.to_json())
-    if vocab.bpe is not None:
-        atomic_write_text(folder / TOKENIZER_FILE, vocab.bpe.to_json())
-    atomic_write_json(folder / META_FILE, meta)  # written last: its presence marks the folder complete
-    for split, counts_ in splits.items():
-        log(f"{split}: {counts_['tokens']:,} tokens, {counts_['unk']:,} replaced by <unk>")
-    return PreparedCorpus(folder, vocab, meta)
+
+def _text_units(corpus: Corpus, split: str) -> dict:
+    """Characters and UTF-8 bytes of a split's text, each line with its line break: the units of bits per
+    character and per byte (:func:`neurallm.evaluation.with_text_units`). A second, plain read of the split."""
+    n_chars = n_bytes = 0
+    for line in corpus.lines(split):
+        n_chars += len(line) + 1
+        n_bytes += len(line.encode("utf-8")) + 1
+    return {"chars": n_chars, "bytes": n_bytes}
 
 
-def _encode_split(corpus: Corpus, split: str, tokenizer: TokenizerSettings, vocab: Vocab, path: Path) -> dict:
-    """Encode one split chunk by chunk into ``path`` (a .npy file); return its token and <unk> counts, and the
-    characters and UTF-8 bytes of its text (each line with its line break), the units of bits per byte."""
-    dtype = vocab.id_dtype()
-    n_tokens = n_unk = n_chars = n_bytes = 0
-    with tempfile.TemporaryFile(dir=path.parent) as raw:
-        buffer: list[int] = []
-        for line in corpus.lines(split):
-            ids, unknown = vocab.encode(tokenize_line(line, tokenizer, vocab.bpe))
-            buffer.extend(ids)
-            n_unk += unknown
-            n_chars += len(line) + 1
-            n_bytes += len(line.encode("utf-8")) + 1
-            if len(buffer) >= _CHUNK:
-                raw.write(np.asarray(buffer, dtype=dtype).tobytes())
-                n_tokens += len(buffer)
-                buffer.clear()
-        raw.write(np.asarray(buffer, dtype=dtype).tobytes())
-        n_tokens += len(buffer)
+class _CountingDigest:
+    """SHA-256 of the source bytes, counting them (to estimate the space a full disk lacked)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.n_bytes = 0
+
+    def update(self, data) -> None:
+        self._sha.update(data)
+        self.n_bytes += len(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+class _Writer:
+    """One preparation: source → provisional ids in a temp file → vocabulary → ``{split}.npy``."""
+
+    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, folder: Path, bpe: BPE | None = None) -> None:
+        self.corpus, self.tokenizer, self.folder, self.bpe = corpus, tokenizer, folder, bpe
+        self.source_digest = _CountingDigest()
+        self.n_provisional = 0
+        self.id_itemsize = 4
+        self.arrays: dict[str, dict] = {}  # per split: tokens, unk, dtype, max_id, sha256
+
+    def write(self, tmp: Path, vocab: Vocab | None, vocab_settings: VocabSettings) -> Vocab:
+        with tempfile.TemporaryFile(dir=tmp) as spool:
+            types, bounds = self._read_provisional(spool, tmp)
+            if vocab is None:
+                start, stop = bounds["train"]
+                counts = np.zeros(len(types), dtype=np.int64)
+                for block in _blocks(spool, start, stop):
+                    counts += np.bincount(block, minlength=len(types))
+                if stop == start:
+                    raise DataError(f"{self.corpus.description}: the train split has no text")
+                train_counts = Counter({types[i]: int(counts[i]) for i in np.flatnonzero(counts)})
+                vocab = build_vocab(train_counts, self.tokenizer.level, min_freq=vocab_settings.min_freq,
+                                    max_vocab=vocab_settings.max_vocab)
+            self.id_itemsize = vocab.id_dtype().itemsize
+            # provisional id → final id; types outside the vocabulary become <unk> (and are counted)
+            final = np.fromiter((vocab.index.get(t, -1) for t in types), dtype=np.int64, count=len(types))
+            unknown = final < 0
+            remap = np.where(unknown, vocab.unk_id, final).astype(vocab.id_dtype())
+            for split in SPLITS:
+                self.arrays[split] = self._write_split(spool, bounds[split], remap, unknown, tmp / f"{split}.npy", split)
+        return vocab
+
+    def _read_provisional(self, spool: BinaryIO, tmp: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+        """Append every file's provisional ids to ``spool``; the token types and each split's [start, stop)."""
+        table: defaultdict[str, int] = defaultdict(itertools.count().__next__)  # type → provisional id
+        bounds: dict[str, tuple[int, int]] = {}
+        for source_file in self.corpus.sources:
+            first = self.n_provisional
+            if source_file.split is not None:
+                self._append(source_file, table, spool, None)
+                bounds[source_file.split] = (first, self.n_provisional)
+                continue
+            # a single file's split points are lines, known once all lines are counted: keep where each line ends
+            with tempfile.TemporaryFile(dir=tmp) as ends_file:
+                n_lines = self._append(source_file, table, spool, ends_file)
+                for split, (start, stop) in split_bounds(n_lines, self.corpus.split_ratios, source_file.path).items():
+                    bounds[split] = (_line_end(ends_file, start - 1) if start else first, _line_end(ends_file, stop - 1))
+        return list(table), bounds
+
+    def _append(self, source_file: SourceFile, table: defaultdict[str, int], spool: BinaryIO,
+                ends_file: BinaryIO | None) -> int:
+        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them);
+        return the number of lines."""
+        lookup, tokenizer, bpe = table.__getitem__, self.tokenizer, self.bpe
+        buffer, line_ends = array("I"), array("Q")
+        n_lines = 0
+        for line in source_file.lines(self.source_digest):
+            buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
+            if ends_file is not None:
+                line_ends.append(self.n_provisional + len(buffer))
+                if len(line_ends) >= _SPOOL_ITEMS:
+                    n_lines += _flush(line_ends, ends_file)
+            if len(buffer) >= _SPOOL_ITEMS:
+                self.n_provisional += _flush(buffer, spool)
+        self.n_provisional += _flush(buffer, spool)
+        if ends_file is not None:
+            n_lines += _flush(line_ends, ends_file)
+        return n_lines
+
+    def _write_split(self, spool: BinaryIO, bounds: tuple[int, int], remap: np.ndarray, unknown: np.ndarray,
+                     path: Path, split: str) -> dict:
+        """Remap a split's provisional ids into ``path`` with ordinary writes (a memory map of a file the disk
+        cannot back dies of SIGBUS); the file's full size is reserved first, so a full disk fails at once."""
+        start, stop = bounds
+        n_tokens = stop - start
         if n_tokens < 2:
-            raise DataError(f"{corpus.description}: the {split} split has {n_tokens} token(s); a language model needs at least 2")
-        raw.flush()
-        source = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,))
-        with atomic_path(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_tokens,))
-            for start in range(0, n_tokens, _CHUNK * 16):
-                out[start : start + _CHUNK * 16] = source[start : start + _CHUNK * 16]
-            out.flush()
-            del out
-        del source
-    return {"tokens": n_tokens, "unk": n_unk, "chars": n_chars, "bytes": n_bytes}
+            raise DataError(f"{self.corpus.description}: the {split} split has {n_tokens} token(s); "
+                            "a language model needs at least 2")
+        header = {"descr": np.lib.format.dtype_to_descr(remap.dtype), "fortran_order": False, "shape": (n_tokens,)}
+        digest, n_unk, max_id = hashlib.sha256(), 0, 0
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.flush()
+            _reserve(f, f.tell() + n_tokens * remap.dtype.itemsize)
+            for block in _blocks(spool, start, stop):
+                ids = remap[block]
+                n_unk += int(np.count_nonzero(unknown[block]))
+                max_id = max(max_id, int(ids.max()))
+                data = ids.tobytes()
+                digest.update(data)
+                f.write(data)
+        return {"tokens": n_tokens, "unk": n_unk, "dtype": remap.dtype.str, "max_id": max_id,
+                "sha256": digest.hexdigest()}
+
+    def bytes_needed(self) -> int:
+        """Peak disk space of this preparation (provisional ids + id arrays); estimated from the bytes read so
+        far when the disk filled up before the whole source was read."""
+        total_source = sum(f.stat().st_size for f in self.corpus.files)
+        read = max(self.source_digest.n_bytes, 1)
+        tokens = self.n_provisional * max(total_source / read, 1.0)
+        return int(tokens * (_PROVISIONAL.itemsize + self.id_itemsize)) + (1 << 20)
+
+
+def _flush(items: array, f: BinaryIO) -> int:
+    """Append ``items`` to ``f``, empty them, return how many there were."""
+    n = len(items)
+    items.tofile(f)
+    del items[:]
+    return n
+
+
+def _blocks(spool: BinaryIO, start: int, stop: int):
+    """Provisional ids ``[start, stop)`` of ``spool`` in blocks, by ordinary reads (a memory map would count the
+    whole file in the process's resident memory as it is read)."""
+    spool.flush()
+    for first in range(start, stop, _BLOCK):
+        spool.seek(first * _PROVISIONAL.itemsize)
+        yield np.fromfile(spool, dtype=_PROVISIONAL, count=min(_BLOCK, stop - first))
+
+
+def _line_end(ends_file: BinaryIO, line: int) -> int:
+    ends_file.flush()
+    ends_file.seek(line * 8)
+    return int(np.fromfile(ends_file, dtype=np.uint64, count=1)[0])
+
+
+def _reserve(f: BinaryIO, size: int) -> None:
+    """Reserve ``size`` bytes for ``f`` so that a full disk fails here, before any id is written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system that cannot reserve
+            raise

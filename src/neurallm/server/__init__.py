@@ -27,10 +27,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(run_dir: str | Path, settings: ServeConfig, *, checkpoint: str = "best", device: str = "auto") -> None:
     """Load the run once and serve it until interrupted."""
-    import uvicorn
+    try:
+        import uvicorn
 
+        from neurallm.server.app import create_app
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise ConfigError(f"neurallm serve needs {exc.name}, which is not installed: pip install 'neurallm[serve]' "
+                          "(or -e '.[serve]' in a checkout)") from None
     from neurallm.api import load_run
-    from neurallm.server.app import create_app
 
     run = load_run(run_dir, checkpoint=checkpoint, device=device)
     app = create_app(run, settings)

@@ -94,6 +94,12 @@ def create_app(run: Run, settings: ServeConfig) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not a bad request: still one JSON line for the client, and the traceback in the server's log
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, headers=exc.headers)
@@ -104,7 +110,6 @@ def create_app(run: Run, settings: ServeConfig) -> FastAPI:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout + TIMEOUT_GRACE_SECONDS)
         except (DeadlinePassed, asyncio.TimeoutError):
-            deadline.cancelled.set()
             raise ApiError(504, f"the request took longer than the server's --timeout {settings.timeout:g} s; ask for fewer tokens") from None
         except NeurallmError as exc:
             raise ApiError(422, str(exc)) from None

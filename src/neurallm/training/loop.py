@@ -22,12 +22,12 @@ checkpoints intact. On the CPU each step is checked at once; on an accelerator t
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +42,13 @@ from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
-from neurallm.runtime import capture_rng_state, log_line, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
 from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
 from neurallm.training.progress import IntervalMeter
+
+logger = logging.getLogger(__name__)
 
 FAULT_LR_FACTOR = 0.25
 
@@ -138,7 +140,7 @@ class _Progress:
             rate = tokens / max(1e-9, time.perf_counter() - self.started)
             self.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{trainer.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
         else:  # no terminal (a log, CI, a pipe): the PyTorch example's plain line instead of a bar
-            trainer.log(self.lines.line(trainer.epoch + 1, trainer.window, self.bar.total, trainer.schedule.lr,
+            logger.info(self.lines.line(trainer.epoch + 1, trainer.window, self.bar.total, trainer.schedule.lr,
                                         totals.loss_sum, totals.steps))
 
     def close(self) -> float:
@@ -157,13 +159,11 @@ class Trainer:
         data: PreparedCorpus,
         *,
         progress: bool | None = None,
-        log: Callable[[str], None] = log_line,
         save_every: float = 300.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.data = data
-        self.log = log
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.save_every = save_every
         train = config.train
@@ -282,7 +282,8 @@ class Trainer:
         self.restore_last(full=False)
         self.schedule.scale(FAULT_LR_FACTOR)
         self.state = self._cold_state()
-        self.log(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
+        # INFO, not WARNING: a recovered fault is a line of the training log (stdout), like the epoch lines
+        logger.info(f"warning: non-finite loss at {where}: restored the last good weights and lowered the learning rate to {self.schedule.lr:g}")
 
     def evaluate_split(self, split: str) -> EvalResult:
         """Exact evaluation of the current weights on ``split`` (in eval mode; the mode is restored)."""
@@ -295,7 +296,7 @@ class Trainer:
         if resume:
             ckpt.remove_stale_temp_files(self.run_dir)
             self.restore_last(full=True)
-            self.log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
+            logger.info(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
         else:
             self.save_best(math.inf)
             self.save_last()
@@ -304,7 +305,7 @@ class Trainer:
             while self.epoch < train.epochs and stopped_by is None:
                 stopped_by = self._run_epoch(stop)
         if stopped_by == "max_time":
-            self.log(self._max_time_message())
+            logger.info(self._max_time_message())
         return self._finish(stopped_by or "epochs")
 
     def _max_time_message(self) -> str:
@@ -341,7 +342,7 @@ class Trainer:
                 last_save = time.perf_counter()
         seconds = progress.close()
         if stopped_by == "interrupt":
-            self.log("interrupted: saving the current state and evaluating the best model")
+            logger.info("interrupted: saving the current state and evaluating the best model")
             self.save_last()
             return stopped_by
         self._end_epoch(seconds, tokens)
@@ -394,7 +395,7 @@ class Trainer:
             self.save_best(valid.loss)
         self.save_last()
         write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
-        self.log(
+        logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
             f"{record['tokens_per_s']:,.0f} tok/s"
@@ -410,5 +411,5 @@ class Trainer:
         ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
-        self.log(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
+        logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
