@@ -228,3 +228,17 @@ def test_a_request_that_waits_past_the_timeout_gets_504(run):
             assert response.status_code == 504 and "--timeout" in response.json()["error"]
     finally:
         release.set()
+
+
+def test_a_failure_during_a_stream_ends_it_with_an_error_event(run, monkeypatch):
+    from neurallm.server import app as server_app
+
+    def broken(*args, **kwargs):
+        yield "the"
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(server_app, "iter_generate", broken)
+    with TestClient(create_app(run, ServeConfig(max_tokens=MAX_TOKENS))) as client:
+        events = _events(client.post("/api/generate/stream", json={"tokens": 5}).text)
+    assert [name for name, _ in events] == ["token", "error"]
+    assert events[-1][1]["error"] == "internal error (RuntimeError); the server log has the details"

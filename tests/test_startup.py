@@ -25,7 +25,7 @@ try:
     code = main(sys.argv[1:])
 except SystemExit as exit:
     code = exit.code
-print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+print(json.dumps({"code": code, "torch": "torch" in sys.modules, "numpy": "numpy" in sys.modules, "tqdm": "tqdm" in sys.modules}))
 """
 
 
@@ -48,6 +48,12 @@ def test_commands_that_build_no_model_do_not_import_torch(argv, tmp_path):
     result = _probe([a.format(corpus=corpus, tmp=tmp_path) for a in argv], tmp_path)
     assert result["code"] == 0
     assert result["torch"] is False
+
+
+def test_help_imports_neither_numpy_nor_the_download_stack(tmp_path):
+    """--help stays well under 0.5 s: only the settings dataclasses are imported to build the flags."""
+    result = _probe(["--help"], tmp_path)
+    assert result["numpy"] is False and result["tqdm"] is False
 
 
 def test_the_probe_sees_torch_when_a_command_needs_it(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 from neurallm import __version__
 from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, TRAIN_SETTINGS, ModelConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
-from neurallm.data.stream import VocabSettings
+from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError, NeurallmError
 from neurallm.settings import Setting, format_value, settings_of

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from neurallm.data.sources import SourceSettings
-from neurallm.data.stream import VocabSettings
+from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError
 from neurallm.settings import setting, settings_of

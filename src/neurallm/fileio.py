@@ -45,11 +45,12 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def format_size(n_bytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
-            return f"{n_bytes:,.0f} {unit}" if unit == "bytes" else f"{n_bytes:,.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError
+    """``2_097_240`` → ``"2.1 MB"`` (decimal units, as disk sizes are sold and ``df -H`` shows them)."""
+    units = ("bytes", "KB", "MB", "GB", "TB")
+    step = 0
+    while n_bytes >= 1000 and step < len(units) - 1:
+        n_bytes, step = n_bytes / 1000, step + 1
+    return f"{n_bytes:,.0f} bytes" if step == 0 else f"{n_bytes:,.1f} {units[step]}"
 
 
 def disk_full_error(path: Path, needed: int) -> DiskFullError:

@@ -103,7 +103,7 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
         quality = [to_quality(loss) for loss in run.valid_loss]
         ax_quality.plot(run.epochs, quality, color=color, marker="o", markersize=4)
         ax_quality.annotate(f"{quality[-1]:.4g}", (run.epochs[-1], quality[-1]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=8, color=color)
+                            xytext=(7, 0), ha="left", va="center", fontsize=8, color=color)
         handles.append(Line2D([], [], color=color, linewidth=6, label=run.label))
     handles += [Line2D([], [], color="0.3", linestyle="--", marker="o", markersize=3, label="train loss"),
                 Line2D([], [], color="0.3", linestyle="-", marker="o", markersize=4, label="valid loss"),

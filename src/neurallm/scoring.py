@@ -140,7 +140,7 @@ def score_texts(
         model.train(was_training)
 
 
-def _score_text(model: nn.Module, vocab: Vocab, tokenizer: TokenizerSettings, text: str, independent: bool, bptt: int,
+def _score_text(model: LanguageModel, vocab: Vocab, tokenizer: TokenizerSettings, text: str, independent: bool, bptt: int,
                 context: int) -> TextScore:
     lines = text.splitlines() or [""]
     tokenized = [tokenize_line(line, tokenizer, vocab.bpe) for line in lines]

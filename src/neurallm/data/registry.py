@@ -16,20 +16,14 @@ Environment variable ``NEURALLM_MIRROR``: when set, every file is fetched from
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
-
-from tqdm import tqdm
 
 from neurallm.errors import DataError
 
@@ -207,6 +201,13 @@ def _download(url: str, dest: Path, md5: str, progress: bool, dataset: str | Non
 
 def _stream(url: str, out: BinaryIO, progress: bool, dataset: str | None) -> str:
     """Copy `url` into `out` with a progress bar and return the md5 of what was read."""
+    # imported here, not at the top: commands that never download (`neurallm --help`) should not pay for them
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
     digest = hashlib.md5()
     try:
         # 60 s without any byte is a dead connection rather than a slow one.
@@ -278,6 +279,8 @@ def _download_dataset(spec: DatasetSpec, dest: Path, progress: bool) -> Path:
 
 def _extract_zip(archive: Path, target: Path, dataset: str) -> None:
     """Extract `archive` into `target`, refusing members that would land outside it."""
+    import zipfile
+
     root = target.resolve()
     try:
         with zipfile.ZipFile(archive) as zf:

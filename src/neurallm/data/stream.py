@@ -47,10 +47,9 @@ from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
 from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
-from neurallm.data.vocab import Vocab, build_vocab
-from neurallm.errors import ConfigError, DataError
+from neurallm.data.vocab import Vocab, VocabSettings, build_vocab
+from neurallm.errors import DataError
 from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
-from neurallm.settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +61,6 @@ _PROVISIONAL = np.dtype(np.uint32)
 _SPOOL_ITEMS = 1 << 18  # provisional ids held in memory before they are appended to the temp file
 _BLOCK = 1 << 20  # ids remapped and written per step (4 MB of provisional ids)
 _MAX_META_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class VocabSettings:
-    """How the vocabulary is built from the training split (each field's ``help`` documents it)."""
-
-    min_freq: int = setting(1, help="drop tokens seen fewer times than this in train")
-    max_vocab: int | None = setting(None, help="keep at most this many tokens, specials included",
-                                       default_text="none, no cap")
-
-    def __post_init__(self) -> None:
-        if self.min_freq < 1:
-            raise ConfigError(f"--min-freq must be at least 1, got {self.min_freq}")
-        if self.max_vocab is not None and self.max_vocab < 3:
-            raise ConfigError(f"--max-vocab must be at least 3 (room for <unk>, <eos> and one word), got {self.max_vocab}")
 
 
 @dataclass
@@ -264,7 +248,7 @@ def prepare_corpus(
         # the merges are learned from the train split only: valid and test text must not shape the tokens
         bpe = BPE.train((line.lower() if tokenizer.lowercase else line for line in corpus.lines("train")), tokenizer.vocab_size)
         vocab = Vocab(bpe.vocabulary(), bpe=bpe)
-    writer = _Writer(corpus, tokenizer, folder, bpe=vocab.bpe if vocab is not None else None)
+    writer = _Writer(corpus, tokenizer, bpe=vocab.bpe if vocab is not None else None)
     try:
         with atomic_folder(folder) as tmp:
             vocab = writer.write(tmp, vocab, vocab_settings)
@@ -325,8 +309,8 @@ class _CountingDigest:
 class _Writer:
     """One preparation: source → provisional ids in a temp file → vocabulary → ``{split}.npy``."""
 
-    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, folder: Path, bpe: BPE | None = None) -> None:
-        self.corpus, self.tokenizer, self.folder, self.bpe = corpus, tokenizer, folder, bpe
+    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, bpe: BPE | None = None) -> None:
+        self.corpus, self.tokenizer, self.bpe = corpus, tokenizer, bpe
         self.source_digest = _CountingDigest()
         self.n_provisional = 0
         self.id_itemsize = 4
@@ -378,17 +362,21 @@ class _Writer:
         lookup, tokenizer, bpe = table.__getitem__, self.tokenizer, self.bpe
         buffer, line_ends = array("I"), array("Q")
         n_lines = 0
-        for line in source_file.lines(self.source_digest):
-            buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
+        try:
+            for line in source_file.lines(self.source_digest):
+                buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
+                if ends_file is not None:
+                    line_ends.append(self.n_provisional + len(buffer))
+                    if len(line_ends) >= _SPOOL_ITEMS:
+                        n_lines += _flush(line_ends, ends_file)
+                if len(buffer) >= _SPOOL_ITEMS:
+                    self.n_provisional += _flush(buffer, spool)
+            self.n_provisional += _flush(buffer, spool)
             if ends_file is not None:
-                line_ends.append(self.n_provisional + len(buffer))
-                if len(line_ends) >= _SPOOL_ITEMS:
-                    n_lines += _flush(line_ends, ends_file)
-            if len(buffer) >= _SPOOL_ITEMS:
-                self.n_provisional += _flush(buffer, spool)
-        self.n_provisional += _flush(buffer, spool)
-        if ends_file is not None:
-            n_lines += _flush(line_ends, ends_file)
+                n_lines += _flush(line_ends, ends_file)
+        except OSError:
+            self.n_provisional += len(buffer)  # counted for bytes_needed() should the disk be full
+            raise
         return n_lines
 
     def _write_split(self, spool: BinaryIO, bounds: tuple[int, int], remap: np.ndarray, unknown: np.ndarray,

@@ -7,12 +7,30 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from neurallm.data.bpe import BPE
 from neurallm.data.tokenizers import EOS, UNK
-from neurallm.errors import RunDirError
+from neurallm.errors import ConfigError, RunDirError
+from neurallm.settings import setting
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class VocabSettings:
+    """How the vocabulary is built from the training split (each field's ``help`` documents it)."""
+
+    min_freq: int = setting(1, help="drop tokens seen fewer times than this in train")
+    max_vocab: int | None = setting(None, help="keep at most this many tokens, specials included",
+                                       default_text="none, no cap")
+
+    def __post_init__(self) -> None:
+        if self.min_freq < 1:
+            raise ConfigError(f"--min-freq must be at least 1, got {self.min_freq}")
+        if self.max_vocab is not None and self.max_vocab < 3:
+            raise ConfigError(f"--max-vocab must be at least 3 (room for <unk>, <eos> and one word), got {self.max_vocab}")
 
 
 @dataclass
@@ -54,6 +72,8 @@ class Vocab:
 
     def id_dtype(self) -> np.dtype:
         """Smallest unsigned integer type that holds every id."""
+        import numpy as np  # here: the CLI imports this module (for VocabSettings) before it knows it needs numpy
+
         for dtype in (np.uint8, np.uint16, np.uint32):
             if len(self.tokens) - 1 <= np.iinfo(dtype).max:
                 return np.dtype(dtype)

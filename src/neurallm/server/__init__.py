@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 from pathlib import Path
 
 from neurallm.config import ServeConfig
 from neurallm.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -22,7 +22,6 @@ facts and the model are loaded once, in :func:`create_app`.
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -226,5 +225,8 @@ async def _events(prompt: str, tokenizer, bpe, tokens: "asyncio.Queue[str]", fut
         yield _sse("error", {"error": f"the request took longer than the server's --timeout {timeout:g} s; ask for fewer tokens"})
     except NeurallmError as exc:
         yield _sse("error", {"error": str(exc)})
+    except Exception as exc:  # a bug: the status line is sent already, so the stream ends with an error event
+        logger.error("streamed generation failed", exc_info=exc)
+        yield _sse("error", {"error": f"internal error ({exc.__class__.__name__}); the server log has the details"})
     finally:
         deadline.cancelled.set()  # the client left, or the stream ended: stop the generation at its next token
