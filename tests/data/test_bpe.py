@@ -110,3 +110,14 @@ def test_eval_cli_reports_bpb(runs, capsys):
     assert main(["eval", str(runs["word"]), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert {"ppl", "bpb", "bpc"} <= set(summary)
+
+
+def test_a_single_files_bytes_and_characters_are_split_with_its_lines(tmp_path):
+    text = "".join(f"ligne {i} déjà vue\n" if i % 3 else f"line {i}\n" for i in range(100))
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    splits = neurallm.prepare(tmp_path / "book.txt", tmp_path / "p").meta["splits"]
+    lines = text.splitlines(keepends=True)
+    test_text = "".join(lines[95:])  # 90/5/5 by lines
+    assert splits["test"]["chars"] == len(test_text) and splits["test"]["bytes"] == len(test_text.encode("utf-8"))
+    assert sum(s["chars"] for s in splits.values()) == len(text)
+    assert sum(s["bytes"] for s in splits.values()) == len(text.encode("utf-8"))

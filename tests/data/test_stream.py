@@ -232,4 +232,5 @@ def test_a_utf16_corpus_prepares_with_its_encoding(tmp_path):
         (folder / f"{split}.txt").write_text("größe über alles\nzweite zeile\n" * 3, encoding="utf-16")
     prepared = _prepare(folder, tmp_path / "p", encoding="utf-16")
     assert {"größe", "über", "zweite"} <= set(prepared.vocab.tokens)
-    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0}  # (3 words + <eos> + 2 words + <eos>) × 3
+    # (3 words + <eos> + 2 words + <eos>) × 3; characters of the text, and its bytes in UTF-8 (ö, ß, ü: 2 each)
+    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0, "chars": 90, "bytes": 99}

@@ -261,7 +261,7 @@ def prepare_corpus(
                 "tokenizer": tokenizer.to_dict(),
                 "vocab_settings": asdict(vocab_settings),
                 "vocab_size": len(vocab),
-                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], **_text_units(corpus, split)}
+                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], **writer.text_units[split]}
                            for split, a in writer.arrays.items()},
                 "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
             }
@@ -279,16 +279,6 @@ def prepare_corpus(
     for split, entry in meta["splits"].items():
         logger.log(level, f"{split}: {entry['tokens']:,} tokens, {entry['unk']:,} replaced by <unk>")
     return load_prepared(folder)  # what a later run will see, checked once now
-
-
-def _text_units(corpus: Corpus, split: str) -> dict:
-    """Characters and UTF-8 bytes of a split's text, each line with its line break: the units of bits per
-    character and per byte (:func:`neurallm.evaluation.with_text_units`). A second, plain read of the split."""
-    n_chars = n_bytes = 0
-    for line in corpus.lines(split):
-        n_chars += len(line) + 1
-        n_bytes += len(line.encode("utf-8")) + 1
-    return {"chars": n_chars, "bytes": n_bytes}
 
 
 class _CountingDigest:
@@ -315,6 +305,10 @@ class _Writer:
         self.n_provisional = 0
         self.id_itemsize = 4
         self.arrays: dict[str, dict] = {}  # per split: tokens, unk, dtype, max_id, sha256
+        # per split: characters and UTF-8 bytes of its text, each line with its line break (the units of bits per
+        # character and per byte, see neurallm.evaluation.with_text_units), counted in the same single read
+        self.text_units: dict[str, dict[str, int]] = {}
+        self._file_units = (0, 0)  # characters and bytes of the file _append read last
 
     def write(self, tmp: Path, vocab: Vocab | None, vocab_settings: VocabSettings) -> Vocab:
         with tempfile.TemporaryFile(dir=tmp) as spool:
@@ -347,33 +341,42 @@ class _Writer:
             if source_file.split is not None:
                 self._append(source_file, table, spool, None)
                 bounds[source_file.split] = (first, self.n_provisional)
+                self.text_units[source_file.split] = dict(zip(("chars", "bytes"), self._file_units))
                 continue
             # a single file's split points are lines, known once all lines are counted: keep where each line ends
+            # (in tokens, characters and bytes)
             with tempfile.TemporaryFile(dir=tmp) as ends_file:
                 n_lines = self._append(source_file, table, spool, ends_file)
                 for split, (start, stop) in split_bounds(n_lines, self.corpus.split_ratios, source_file.path).items():
-                    bounds[split] = (_line_end(ends_file, start - 1) if start else first, _line_end(ends_file, stop - 1))
+                    before = _line_end(ends_file, start - 1) if start else (first, 0, 0)
+                    after = _line_end(ends_file, stop - 1)
+                    bounds[split] = (before[0], after[0])
+                    self.text_units[split] = {"chars": after[1] - before[1], "bytes": after[2] - before[2]}
         return list(table), bounds
 
     def _append(self, source_file: SourceFile, table: defaultdict[str, int], spool: BinaryIO,
                 ends_file: BinaryIO | None) -> int:
-        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them);
-        return the number of lines."""
+        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them,
+        in tokens, characters and bytes); return the number of lines. The file's characters and bytes are left in
+        ``self._file_units``."""
         lookup, tokenizer, bpe = table.__getitem__, self.tokenizer, self.bpe
         buffer, line_ends = array("I"), array("Q")
-        n_lines = 0
+        n_lines = n_chars = n_bytes = 0
         try:
             for line in source_file.lines(self.source_digest):
                 buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
+                n_chars += len(line) + 1
+                n_bytes += len(line.encode("utf-8")) + 1
                 if ends_file is not None:
-                    line_ends.append(self.n_provisional + len(buffer))
+                    line_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
                     if len(line_ends) >= _SPOOL_ITEMS:
-                        n_lines += _flush(line_ends, ends_file)
+                        n_lines += _flush(line_ends, ends_file) // 3
                 if len(buffer) >= _SPOOL_ITEMS:
                     self.n_provisional += _flush(buffer, spool)
             self.n_provisional += _flush(buffer, spool)
             if ends_file is not None:
-                n_lines += _flush(line_ends, ends_file)
+                n_lines += _flush(line_ends, ends_file) // 3
+            self._file_units = (n_chars, n_bytes)
         except OSError:
             self.n_provisional += len(buffer)  # counted for bytes_needed() should the disk be full
             raise
@@ -430,10 +433,11 @@ def _blocks(spool: BinaryIO, start: int, stop: int):
         yield np.fromfile(spool, dtype=_PROVISIONAL, count=min(_BLOCK, stop - first))
 
 
-def _line_end(ends_file: BinaryIO, line: int) -> int:
+def _line_end(ends_file: BinaryIO, line: int) -> tuple[int, int, int]:
+    """Where ``line`` ends: (provisional ids, characters, bytes) from the start of its file's records."""
     ends_file.flush()
-    ends_file.seek(line * 8)
-    return int(np.fromfile(ends_file, dtype=np.uint64, count=1)[0])
+    ends_file.seek(line * 24)
+    return tuple(int(x) for x in np.fromfile(ends_file, dtype=np.uint64, count=3))
 
 
 def _reserve(f: BinaryIO, size: int) -> None:
