@@ -400,3 +400,19 @@ def test_explain_compare_batch_sizes_keeps_eval_batch_sizes_as_an_alias(capsys):
     new = capsys.readouterr().out
     assert main(["explain", "--range", "1..40", "--eval", "--eval-batch-sizes", "5,8"]) == 0
     assert capsys.readouterr().out == new and "batch size 5" in new
+
+
+def test_context_means_the_same_in_every_subcommand_that_has_it():
+    from neurallm.config import CONTEXT_HELP
+
+    having = {command: action for command, parser in _subparsers().items() for action in parser._actions
+              if "--context" in action.option_strings}
+    assert {"train", "eval", "generate", "explain"} <= having.keys()
+    for command, action in having.items():
+        assert action.help.startswith(CONTEXT_HELP), command
+
+
+def test_eval_and_explain_name_their_batch_size_list_alike():
+    for command in ("eval", "explain"):
+        options = {o for a in _subparsers()[command]._actions for o in a.option_strings}
+        assert "--compare-batch-sizes" in options

@@ -202,7 +202,7 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
-        raise ConfigError("--onnx-export needs the package onnx: pip install onnx (or train without --onnx-export)")
+        raise ConfigError("--onnx-export needs the package onnx: pip install 'neurallm[onnx]' (or train without --onnx-export)")
     return export_onnx
 
 

@@ -128,10 +128,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def append_line(path: Path, line: str) -> None:
     """Append one line and fsync; a crash can lose at most the line being written, which readers skip."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(path, len(line.encode()) + 1) from exc
 
 
 @contextmanager
