@@ -23,6 +23,7 @@ from neurallm.data.sources import SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
+from neurallm.distributed import Ranks, ranks_from_environment, shutdown
 from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.generation import GenerationResult, generate
@@ -84,19 +85,42 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     data_settings = {k: v for section in data_settings for k, v in section.items()}
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
-    pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
-    ckpt.check_new_run_dir(out, force)
-    prepared, source, tokenizer, vocab_settings = open_training_data(data, data_settings)
-    model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
-    config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
-    # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
-    # run: a setting that fails here must leave no half-made run that blocks the corrected command.
-    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
-    ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
-    ckpt.write_run_files(out, config, prepared.vocab)
-    logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
-        f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}")
-    return trainer.run()
+    device = pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
+    ranks, _ = ranks_from_environment(device)  # under torchrun: join the other processes (only rank 0 logs)
+    trainer = None
+    try:
+        def check_out_and_prepare():
+            if ranks.is_main:  # only rank 0 looks at, and later replaces, --out
+                ckpt.check_new_run_dir(out, force)
+            return open_training_data(data, data_settings)
+
+        # rank 0 prepares the data; the others then find it in the cache
+        prepared, source, tokenizer, vocab_settings = ranks.main_first(check_out_and_prepare)
+        model_config = ModelConfig(**{**model_settings, "vocab_size": len(prepared.vocab)})
+        config = RunConfig(source, tokenizer, vocab_settings, model_config, train_config)
+        # Build the trainer (which checks batch size and bptt against the data) before config.json marks --out as a
+        # run: a setting that fails here must leave no half-made run that blocks the corrected command.
+        trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
+        if ranks.is_main:
+            ckpt.prepare_new_run_dir(out, force)  # only now may --force delete the old run: the new one is ready to start
+            ckpt.write_run_files(out, config, prepared.vocab)
+        logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+                    f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
+                    + _processes_note(ranks))
+        return trainer.run()
+    finally:
+        _leave(ranks, trainer)
+
+
+def _leave(ranks: Ranks, trainer: Trainer | None) -> None:
+    """Release the trainer's DDP wrapper, then the process group (in that order: see Trainer.close)."""
+    if trainer is not None:
+        trainer.close()
+    shutdown(ranks)
+
+
+def _processes_note(ranks: Ranks) -> str:
+    return f", {ranks.world_size} processes (DistributedDataParallel)" if ranks.distributed else ""
 
 
 def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
@@ -107,13 +131,21 @@ def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainRe
     config = config.resumed_with(settings)
     if data is not None and _data_name(data) != config.source.data:
         raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
-    if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
-        prepared = load_prepared(Path(config.source.data))
-    else:
-        prepared = prepare_corpus(config.source, config.tokenizer, config.vocab)
-    ckpt.write_run_files(out, config, prepared.vocab)
-    trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every)
-    return trainer.run(resume=True)
+    ranks, _ = ranks_from_environment(pick_device(config.train.device))
+    trainer = None
+    try:
+        def prepare():
+            if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
+                return load_prepared(Path(config.source.data))
+            return prepare_corpus(config.source, config.tokenizer, config.vocab)
+
+        prepared = ranks.main_first(prepare)
+        if ranks.is_main:
+            ckpt.write_run_files(out, config, prepared.vocab)
+        trainer = Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
+        return trainer.run(resume=True)
+    finally:
+        _leave(ranks, trainer)
 
 
 # Above this share of <unk> tokens `eval` warns: predicting <unk> is easy (one token stands for every unknown word),

@@ -170,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     result = train(args.data, args.out, resume=args.resume, force=args.force, progress=progress,
                    save_every=args.save_every, **settings)
+    if not _is_main_process():  # under torchrun, rank 0 alone writes files and prints
+        return 0
     if args.save:
         _copy_best_weights(result.run_dir, Path(args.save))
     if export_onnx is not None:
@@ -453,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """False in the processes torchrun starts besides rank 0 (read from the environment: no torch import)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 class _PlainLines(logging.StreamHandler):
     """Each log record as its bare message on ``sys.stdout`` or ``sys.stderr``, flushed at once even when that is a
     file or a pipe. The stream is looked up at each record, so pytest's capture and later redirections are honoured."""
@@ -481,7 +490,8 @@ def configure_logging() -> None:
         err.setLevel(logging.WARNING)
         logger.addHandler(out)
         logger.addHandler(err)
-    logger.setLevel(logging.INFO)
+    # under torchrun, rank 0 speaks for all: the other ranks log errors only
+    logger.setLevel(logging.INFO if _is_main_process() else logging.ERROR)
     logger.propagate = False  # the lines are printed once, here, not again by a root handler
 
 
@@ -499,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     except NeurallmError as exc:
         if args.debug:
             raise
-        print(f"neurallm {args.command}: error: {exc}", file=sys.stderr)
+        if _is_main_process():  # under torchrun every rank stops with the same error; one prints it
+            print(f"neurallm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, MemoryError) as exc:
         if args.debug:

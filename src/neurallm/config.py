@@ -41,6 +41,7 @@ from neurallm.settings import setting, settings_of
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "Transformer")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("none", "bf16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -118,6 +119,9 @@ class TrainConfig:
     dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
+    amp: str = setting("none", help="bf16: train under bfloat16 autocast (loss and softmax stay float32; evaluation is float32)",
+                       choices=AMP_MODES)
+    compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)")
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
@@ -133,6 +137,7 @@ class TrainConfig:
         _require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         _require(self.eval_context is None or self.eval_context >= 0, f"--context must be 0 or more, got {self.eval_context}")
         _require(self.log_interval >= 1, f"--log-interval must be at least 1, got {self.log_interval}")
+        _require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

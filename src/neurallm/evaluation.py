@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from neurallm.data.batching import EvalColumn, batchify, get_batch, plan_eval_columns, sliding_window, sliding_window_targets, to_ids_tensor, window_starts
+from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
 
@@ -163,6 +164,7 @@ def evaluate(
     batch_size: int = 10,
     bptt: int = 35,
     context: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> EvalResult:
     """Exact evaluation of ``model`` on the id stream ``ids`` (see the module docstring).
 
@@ -174,6 +176,9 @@ def evaluate(
         batch_size: columns evaluated in parallel; does not change the result beyond float rounding.
         bptt: the window length the model was trained with.
         context: tokens of history each scored token gets (default: the model's ``eval_layout``).
+        ranks: under torchrun, the processes sharing the work: columns are independent, so each rank runs its
+            own share of them and the summed NLL and token counts are added up (float64) across ranks; every
+            rank returns the same result as one process would, to float rounding.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -185,16 +190,18 @@ def evaluate(
     with _eval_mode(model):
         if layout.carries_state:
             columns = plan_eval_columns(len(ids), batch_size, context, align=layout.align or 1)
-            total, count = _run_columns(model, ids, columns, layout.window)
+            own = columns[ranks.share(len(columns))]
+            total, count = _run_columns(model, ids, own, layout.window) if own else (0.0, 0)
         else:
             stride = max(1, layout.window - context)
             targets = sliding_window_targets(len(ids), stride)
             total, count = 0.0, 0
-            for first in range(0, len(targets), batch_size):
+            for first in range(0, len(targets), batch_size)[ranks.share(-(-len(targets) // batch_size))]:
                 group = [sliding_window(t, len(ids), stride, context) for t in targets[first : first + batch_size]]
                 part_total, part_count = _run_columns(model, ids, group, window=max(c.length for c in group))
                 total, count = total + part_total, count + part_count
-    return EvalResult(total / count, count, time.perf_counter() - started, "exact", batch_size, context)
+        total, count = ranks.sum([total, count])
+    return EvalResult(total / count, int(count), time.perf_counter() - started, "exact", batch_size, context)
 
 
 def _run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn], window: int) -> tuple[float, int]:

@@ -69,7 +69,12 @@ def to_ids_tensor(ids: Stream, device: torch.device | str | None = None) -> torc
     """An int64 tensor of ``ids`` on ``device``: a NumPy slice is converted here, and only that slice."""
     if isinstance(ids, np.ndarray):
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-    return ids if device is None else ids.to(device, non_blocking=True)
+    if device is None:
+        return ids
+    if torch.device(device).type == "cuda" and ids.device.type == "cpu":
+        # from page-locked memory the copy runs asynchronously: the GPU does not wait for the host between windows
+        ids = ids.pin_memory()
+    return ids.to(device, non_blocking=True)
 
 
 def get_batch(stream: Stream, row: int, bptt: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +122,8 @@ class ShuffledWindows:
         batch_size: windows per batch (the last batch of an epoch may hold fewer).
         seed: with the epoch number, fixes the order; a resumed run sees the same order.
         device: where the windows are sent (the model's device).
+        rank, world_size: under torchrun, every rank draws the same order and takes its own contiguous share of
+            each batch, so the ranks together see each window of the epoch exactly once.
     """
 
     ids: np.ndarray
@@ -124,6 +131,8 @@ class ShuffledWindows:
     batch_size: int
     seed: int
     device: torch.device | str | None = None
+    rank: int = 0
+    world_size: int = 1
 
     carries_state = False
 
@@ -133,14 +142,17 @@ class ShuffledWindows:
             raise ConfigError(f"--bptt {self.bptt} is longer than the {len(self.ids)}-token training split; lower it")
 
     def __len__(self) -> int:
-        return -(-self._n_windows // self.batch_size)
+        full, rest = divmod(self._n_windows, self.batch_size)
+        # a last batch with fewer windows than ranks is dropped: a rank with nothing to train on cannot take part
+        return full + (1 if rest >= self.world_size else 0)
 
     def epoch(self, epoch: int, start_window: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self._n_windows, generator=generator).numpy()
         offsets = np.arange(self.bptt + 1)
         for b in range(start_window, len(self)):
-            starts = order[b * self.batch_size : (b + 1) * self.batch_size] * self.bptt
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            starts = np.array_split(batch, self.world_size)[self.rank] * self.bptt
             windows = to_ids_tensor(np.asarray(self.ids)[starts[:, None] + offsets].T, self.device)  # (bptt + 1, b)
             yield windows[:-1], windows[1:]
 

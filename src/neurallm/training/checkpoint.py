@@ -116,8 +116,25 @@ def read_vocab(folder: Path) -> Vocab:
     return vocab
 
 
+# What torch.compile (``_orig_mod.``) and DistributedDataParallel (``module.``) put in front of the wrapped
+# model's parameter names: a checkpoint names the model's own parameters, loadable without either wrapper.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter name without the prefixes of the wrappers around the model (``_orig_mod.module.x`` → ``x``)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with shared tensors (tied weights) kept once, as safetensors requires."""
+    """The model's state dict on the CPU with shared tensors (tied weights) kept once, as safetensors requires,
+    and the names of the model itself even when ``model`` is a compiled or DDP wrapper of it."""
     seen: set[tuple] = set()
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -125,7 +142,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if key in seen:
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
+        tensors[plain_name(name)] = tensor.detach().contiguous().cpu()
     return tensors
 
 
@@ -133,6 +150,7 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     """Load weights into ``model`` after checking they match its configuration, naming ``source`` if not."""
     expected = model_tensors(model)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+    weights = {plain_name(k): v for k, v in weights.items()}
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise RunDirError(f"{source} lacks weights {', '.join(missing[:3])}; it does not belong to this run's config.json")
@@ -142,7 +160,9 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
                 f"{source}: weight {name} has shape {tuple(weights[name].shape)} but config.json implies "
                 f"{tuple(tensor.shape)} (vocabulary or layer sizes differ); the checkpoint and config do not match"
             )
-    model.load_state_dict({k: weights[k] for k in expected}, strict=False)
+    target = getattr(model, "_orig_mod", model)  # a compiled model loads into the module it wraps
+    target = getattr(target, "module", target)  # and so does DDP
+    target.load_state_dict({k: weights[k] for k in expected}, strict=False)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -212,6 +232,10 @@ def optimizer_from_state(optimizer: torch.optim.Optimizer, info: dict, tensors: 
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
+    # how the update runs (a fused CUDA kernel, say) belongs to this machine, not to the checkpoint
+    here = optimizer.param_groups[0]
+    for group in groups:
+        group.update({key: here[key] for key in ("fused", "foreach", "capturable", "differentiable") if key in here})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -18,6 +18,11 @@ Numerical faults: a non-finite loss or gradient skips the step, restores the wei
 ``last.safetensors``, divides the learning rate by 4 and says so; a second fault stops training with the
 checkpoints intact. On the CPU each step is checked at once; on an accelerator the check is read back once per
 ``--log-interval`` (and before every checkpoint), so the device never waits for the host in between.
+
+Under ``torchrun`` (:mod:`neurallm.distributed`) every rank runs this loop on its own columns, ``step_model``
+is the DistributedDataParallel wrapper, and every branch that could differ between ranks (a fault, Ctrl-C or
+SIGTERM, --max-time, a checkpoint being due) is decided with one small all_reduce at the check windows. Rank 0
+alone writes the run directory and prints; the checkpoint holds every rank's carried state and RNG states.
 """
 
 from __future__ import annotations
@@ -37,16 +42,18 @@ from neurallm import __version__
 from neurallm.config import RunConfig
 from neurallm.data.batching import ContiguousBatches, ShuffledWindows, batchify
 from neurallm.data.stream import PreparedCorpus
+from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
-from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.optim import Schedule, build_optimizer
 from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
 from neurallm.training.progress import IntervalMeter
+from neurallm.training.throughput import bf16_peak_flops, mfu, model_flops_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -73,25 +80,30 @@ class TrainResult:
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the step and stop cleanly. Second: abort at once."""
+    """First Ctrl-C (or SIGTERM): finish the step and stop cleanly. A second Ctrl-C: abort at once.
+
+    SIGTERM never aborts: torchrun answers a Ctrl-C by sending SIGTERM to workers that already got the SIGINT,
+    and that must not turn a clean stop into an abort.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _tqdm_class():
@@ -137,8 +149,12 @@ class _Progress:
         totals = trainer.tracker.last  # read back by the fault check at this same window
         if trainer.progress:
             mean = totals.loss_sum / max(1, totals.steps)
-            rate = tokens / max(1e-9, time.perf_counter() - self.started)
-            self.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{trainer.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
+            rate = tokens * trainer.ranks.world_size / max(1e-9, time.perf_counter() - self.started)  # all ranks
+            postfix = dict(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", lr=f"{trainer.schedule.lr:.3g}", tok_s=f"{rate:,.0f}")
+            utilisation = trainer.mfu(rate)
+            if utilisation is not None:
+                postfix["mfu"] = f"{utilisation:.1%}"
+            self.bar.set_postfix(postfix)
         else:  # no terminal (a log, CI, a pipe): the PyTorch example's plain line instead of a bar
             logger.info(self.lines.line(trainer.epoch + 1, trainer.window, self.bar.total, trainer.schedule.lr,
                                         totals.loss_sum, totals.steps))
@@ -160,27 +176,47 @@ class Trainer:
         *,
         progress: bool | None = None,
         save_every: float = 300.0,
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.data = data
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.ranks = ranks
+        self.progress = ranks.is_main and (sys.stderr.isatty() if progress is None else progress)  # one bar for all
         self.save_every = save_every
         train = config.train
-        self.device = pick_device(train.device)
+        # under torchrun, CUDA means this rank's own GPU (cuda:LOCAL_RANK)
+        self.device = ranks.device if ranks.device.type == "cuda" else pick_device(train.device)
+        use_fast_cuda_math(self.device)
         seed_everything(train.seed)
         self.model: LanguageModel = build_model(config.model).to(self.device)
-        # what a training step calls: the model itself, or a wrapper standing in for it (DDP, torch.compile)
-        self.step_model: torch.nn.Module = self.model
+        if ranks.distributed:
+            # same initial weights everywhere (DDP also broadcasts rank 0's), then each rank its own dropout masks
+            seed_everything(train.seed + ranks.rank)
         self.optimizer = build_optimizer(self.model, train)
+        self.local_batch_size = _local_batch_size(train.batch_size, ranks)
         train_ids = data.ids("train")
         if train.shuffle_windows:
-            self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed, self.device)
+            self.batches = ShuffledWindows(train_ids, train.bptt, train.batch_size, train.seed, self.device,
+                                           ranks.rank, ranks.world_size)
         else:
-            self.batches = ContiguousBatches(batchify(train_ids, train.batch_size), train.bptt, self.device)
+            # each rank trains its own contiguous columns of the whole --batch-size stream
+            own_columns = batchify(train_ids, train.batch_size)[:, ranks.share(train.batch_size)]
+            self.batches = ContiguousBatches(own_columns, train.bptt, self.device)
         self.carry = self.model.carries_state and self.batches.carries_state
+        # what a training step calls: the model itself, or a wrapper standing in for it (DDP, torch.compile)
+        self.step_model: torch.nn.Module = self.model
+        if ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if train.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
+        self.flops_per_token = model_flops_per_token(config.model, train.bptt, sum(p.numel() for p in self.model.parameters()))
+        self.peak_flops = bf16_peak_flops(self.device)
         self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches))
         self.epoch = 0  # completed epochs
         self.window = 0  # next window of the current epoch
@@ -192,16 +228,36 @@ class Trainer:
         self.tracker = LossTracker(self.device)
         self.state = self._cold_state()
 
+    def close(self) -> None:
+        """Drop the DDP / compiled wrapper. Call it before the process group is destroyed: a DDP reducer that
+        outlives the group destroys gloo's threads from under the GIL at exit and the process never ends."""
+        self.step_model = self.model
+
     def _cold_state(self) -> State:
-        return self.model.init_state(self.config.train.batch_size, self.device)
+        return self.model.init_state(self.local_batch_size, self.device)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of all ranks' devices at ``tokens_per_s`` (all ranks together), or None."""
+        return mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.ranks.world_size)
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
     def save_last(self) -> None:
+        """Write last.safetensors (rank 0, with every rank's carried state and RNG states gathered to it)."""
         self._check_faults()  # a checkpoint must never hold the weights of a non-finite step
         rng_json, rng_tensors = capture_rng_state()
+        carried = {f"carry.{i}": t.cpu() for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
+        epoch_loss = [self.tracker.last.loss_sum, self.tracker.last.steps]  # this rank's columns
+        gathered = self.ranks.gather((rng_json, {**rng_tensors, **carried}, epoch_loss))
+        if gathered is not None:
+            self._write_last(gathered)
+        self.ranks.barrier()  # the others may read it next (a fault's restore)
+
+    def _write_last(self, per_rank: list[tuple[dict, dict[str, torch.Tensor], list]]) -> None:
         optim_json, optim_tensors = ckpt.optimizer_to_state(self.optimizer)
-        carried = {f"carry.{i}": t for i, t in enumerate(self.state)} if self.carry and self.window > 0 else {}
+        (rng_json, rank_tensors, epoch_loss), *others = per_rank
+        for rank, (_, tensors, _) in enumerate(others, start=1):
+            rank_tensors = {**rank_tensors, **{f"{_rank_prefix(rank)}{k}": v for k, v in tensors.items()}}
         info = {
             "neurallm_version": __version__,
             "epoch": self.epoch,
@@ -209,14 +265,17 @@ class Trainer:
             "elapsed": self.elapsed,
             "faults": self.faults,
             "best_valid_loss": None if math.isinf(self.best_valid_loss) else self.best_valid_loss,
-            "epoch_loss": [self.tracker.last.loss_sum, self.tracker.last.steps],
+            "epoch_loss": epoch_loss,
             "schedule": self.schedule.to_dict(),
             "optimizer": optim_json,
             "rng": rng_json,
+            "rank_rng": [rng for rng, _, _ in others],  # ranks 1.. (rank 0's is "rng")
+            "rank_epoch_loss": [loss for _, _, loss in others],  # and "epoch_loss"
+            "world_size": self.ranks.world_size,
             "metrics": self.metrics,
             "data_key": self.data.meta["key"],
         }
-        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rng_tensors, **optim_tensors, **carried}))
+        ckpt.save_last(self.run_dir / ckpt.LAST_FILE, self.model, ckpt.TrainingState(info, {**rank_tensors, **optim_tensors}))
         ckpt.write_metrics(self.run_dir, self.metrics)
 
     def restore_last(self, *, full: bool) -> None:
@@ -233,22 +292,34 @@ class Trainer:
                 f"{path} was trained on data prepared as {info.get('data_key')}, but --data now gives "
                 f"{self.data.meta['key']} (the text or its settings changed); resume with the original data"
             )
+        saved_world = info.get("world_size", 1)
+        if saved_world != self.ranks.world_size:
+            raise TrainingError(
+                f"{path} was trained by {saved_world} process(es) and holds the carried state and random streams of "
+                f"that many ranks, but this is {self.ranks.world_size}; resume with the same number "
+                f"(torchrun --nproc_per_node {saved_world} …{', or plain neurallm train' if saved_world == 1 else ''})"
+            )
         self.epoch, self.window, self.elapsed = info["epoch"], info["window"], info["elapsed"]
         self.faults = info.get("faults", 0)
         self.best_valid_loss = math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"]
-        self.tracker.reset(*info.get("epoch_loss", [0.0, 0]))
+        epoch_loss = info.get("epoch_loss", [0.0, 0]) if self.ranks.is_main else info["rank_epoch_loss"][self.ranks.rank - 1]
+        self.tracker.reset(*epoch_loss)
         saved = Schedule.from_dict(info["schedule"])
         # --epochs may have been raised: the cosine schedule stretches to the new end
         saved.total_steps = self.config.train.epochs * len(self.batches)
         self.schedule = saved
         self.metrics = info["metrics"]
-        restore_rng_state(info["rng"], state.tensors)
-        carried = [state.tensors[f"carry.{i}"] for i in range(len(self.state)) if f"carry.{i}" in state.tensors]
+        prefix = _rank_prefix(self.ranks.rank)
+        own = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)} if prefix else state.tensors
+        restore_rng_state(info["rng"] if self.ranks.is_main else info["rank_rng"][self.ranks.rank - 1], own)
+        carried = [own[f"carry.{i}"] for i in range(len(self.state)) if f"carry.{i}" in own]
         self.state = tuple(t.to(self.device) for t in carried) if carried else self._cold_state()
-        ckpt.write_metrics(self.run_dir, self.metrics)
+        if self.ranks.is_main:
+            ckpt.write_metrics(self.run_dir, self.metrics)
 
     def save_best(self, valid_loss: float) -> None:
-        ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
+        if self.ranks.is_main:
+            ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
 
     # --- training ----------------------------------------------------------------------------------------
 
@@ -256,17 +327,20 @@ class Trainer:
         """One optimisation step on a window, starting from the carried state or a cold one."""
         state = self.state if self.carry else self.model.init_state(inputs.size(1), self.device)
         self.schedule.apply(self.optimizer)
+        # under DDP the ranks must all take the update or all skip it: the fault check decides that together
         outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
-                                skip_nonfinite=self.check_interval == 1)
+                                skip_nonfinite=self.check_interval == 1 and not self.ranks.distributed,
+                                amp_dtype=self.amp_dtype)
         self.tracker.add(outcome)
         self.state = outcome.state
         return outcome
 
     def _check_faults(self) -> bool:
-        """Read the losses back (one host synchronisation); handle a non-finite step. True if there was one."""
-        if self.tracker.pending == 0:
+        """Read the losses back (one host synchronisation); handle a non-finite step on any rank. True if there was one."""
+        if self.tracker.pending == 0:  # the same on every rank: all take the same number of steps
             return False
-        if self.tracker.flush().faulty == 0:
+        [faulty] = self.ranks.any([self.tracker.flush().faulty > 0])
+        if not faulty:
             return False
         self._handle_fault()
         return True
@@ -288,13 +362,16 @@ class Trainer:
     def evaluate_split(self, split: str) -> EvalResult:
         """Exact evaluation of the current weights on ``split`` (in eval mode; the mode is restored)."""
         train = self.config.train
-        result = evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt, context=train.eval_context)
+        result = evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt,
+                          context=train.eval_context, ranks=self.ranks)
         return with_text_units(result, self.data.meta["splits"][split])
 
     def run(self, *, resume: bool = False) -> TrainResult:
         train = self.config.train
         if resume:
-            ckpt.remove_stale_temp_files(self.run_dir)
+            if self.ranks.is_main:
+                ckpt.remove_stale_temp_files(self.run_dir)
+            self.ranks.barrier()
             self.restore_last(full=True)
             logger.info(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.window}")
         else:
@@ -334,10 +411,10 @@ class Trainer:
             self.elapsed += time.perf_counter() - step_started
             tokens += inputs.numel()
             progress.advance(tokens)
-            stopped_by = self._stop_reason(stop)
+            stopped_by, save_now = self._decide(stop, due, time.perf_counter() - last_save >= self.save_every)
             if stopped_by is not None:
                 break
-            if time.perf_counter() - last_save >= self.save_every:
+            if save_now:
                 self.save_last()
                 last_save = time.perf_counter()
         seconds = progress.close()
@@ -348,16 +425,24 @@ class Trainer:
         self._end_epoch(seconds, tokens)
         return stopped_by
 
-    def _stop_reason(self, stop: _StopRequest) -> str | None:
-        """``interrupt`` after a Ctrl-C, ``dry_run`` after one batch of --dry-run, ``max_time`` once --max-time is spent, else None (go on)."""
-        if stop.requested:
-            return "interrupt"
-        if self.config.train.dry_run:
-            return "dry_run"
+    def _decide(self, stop: _StopRequest, due: bool, save_due: bool) -> tuple[str | None, bool]:
+        """Whether to stop now and why (``interrupt`` after a Ctrl-C or SIGTERM, ``dry_run`` after one batch of
+        --dry-run, ``max_time`` once --max-time is spent; None: go on), and whether to write a checkpoint now.
+
+        Under torchrun the ranks decide together, at the fault-check windows (``due``): one all_reduce of the
+        three flags, so every rank stops, or saves, at the same window."""
         max_time = self.config.train.max_time
-        if max_time is not None and self.elapsed >= max_time:
-            return "max_time"
-        return None
+        flags = [stop.requested, max_time is not None and self.elapsed >= max_time, save_due]
+        if self.ranks.distributed:
+            flags = self.ranks.any(flags) if due else [False, False, False]
+        interrupt, out_of_time, save_now = flags
+        if interrupt:
+            return "interrupt", False
+        if self.config.train.dry_run:
+            return "dry_run", False
+        if out_of_time:
+            return "max_time", False
+        return None, save_now
 
     def _end_epoch(self, seconds: float, tokens: int) -> None:
         """Validate, record the epoch's metrics, keep the best weights and write the checkpoints.
@@ -370,15 +455,19 @@ class Trainer:
             self.epoch += 1
             self.window = 0
         totals = self.tracker.last
+        tokens, loss_sum, steps = self.ranks.sum([tokens, totals.loss_sum, totals.steps])  # of all ranks
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        utilisation = self.mfu(tokens_per_s)
         record = {
             "epoch": self.epoch if epoch_done else self.epoch + 1,
             "complete": epoch_done,
-            "train_loss": totals.loss_sum / max(1, totals.steps),
+            "train_loss": loss_sum / max(1, steps),
             "valid_loss": valid.loss,
             "valid_ppl": valid.ppl,
             "lr": self.schedule.lr,
             "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": None if utilisation is None else round(utilisation, 4),  # Transformers on a GPU of known peak
             "valid_tokens": valid.tokens,
         }
         if self.config.tokenizer.level == "char":
@@ -394,11 +483,13 @@ class Trainer:
             self.best_valid_loss = valid.loss
             self.save_best(valid.loss)
         self.save_last()
-        write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
+        if self.ranks.is_main:
+            write_run_curves(self.run_dir, self.metrics, self.config.tokenizer.level)  # RUN/curves.png, redrawn every epoch
+        mfu_text = "" if utilisation is None else f" | MFU {utilisation:.1%}"
         logger.info(
             f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
-            f"{record['tokens_per_s']:,.0f} tok/s"
+            f"{record['tokens_per_s']:,.0f} tok/s{mfu_text}"
         )
 
     def _finish(self, stopped_by: str) -> TrainResult:
@@ -408,8 +499,23 @@ class Trainer:
         test = self.evaluate_split("test")
         results = {"test": test.to_dict(self.config.tokenizer.level), "stopped_by": stopped_by,
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
-        ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
+        if self.ranks.is_main:
+            ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
         logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
+
+
+def _rank_prefix(rank: int) -> str:
+    """Key prefix of a rank's RNG and carried state in last.safetensors (rank 0 keeps the single-process keys)."""
+    return f"rank{rank}." if rank else ""
+
+
+def _local_batch_size(batch_size: int, ranks: Ranks) -> int:
+    """Columns (or windows) per rank: ``--batch-size`` is the total over all ranks and must split evenly, so that
+    averaging the ranks' gradients gives the gradient of the whole batch."""
+    if batch_size % ranks.world_size:
+        raise TrainingError(f"--batch-size {batch_size} does not split evenly over {ranks.world_size} processes; "
+                            f"use a multiple of {ranks.world_size} (it is the total number of columns of all ranks)")
+    return batch_size // ranks.world_size

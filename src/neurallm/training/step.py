@@ -54,6 +54,7 @@ def training_step(
     *,
     clip: float,
     skip_nonfinite: bool = True,
+    amp_dtype: torch.dtype | None = None,
 ) -> StepOutcome:
     """Forward, backward, clip and update on one window ``(T, B)``.
 
@@ -67,8 +68,12 @@ def training_step(
             for a non-finite gradient.
         skip_nonfinite: leave the weights alone when the loss or gradient is not finite. This reads a value back
             from the device, so pass False on accelerators and act on :class:`LossTracker`'s report instead.
+            Under DistributedDataParallel pass False too: the ranks must all take (or all skip) the update.
+        amp_dtype: run the forward pass under autocast to this dtype (``torch.bfloat16``); the output head
+            computes the loss in float32 either way, and backward runs outside autocast as PyTorch advises.
     """
-    output = model(inputs, state, targets)
+    with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        output = model(inputs, state, targets)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
