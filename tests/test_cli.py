@@ -81,7 +81,7 @@ def test_eval_json_prints_one_object_scoring_every_test_token_but_the_first(word
     assert result["tokens"] == _word_tokens(corpus) - 1
     assert result["ppl"] == pytest.approx(math.exp(result["loss"]))
     assert result["split"] == "test" and result["batch_size"] == batch_size
-    assert "bpc" not in result  # word level
+    assert result["bpb"] > 0 and result["bpc"] > 0  # bits per byte and per character at every level
 
 
 def test_eval_gives_the_same_loss_at_batch_size_1_and_10(word_run, capsys):
@@ -242,7 +242,7 @@ def test_news_csv_with_the_tutorial_preprocessing_trains_evaluates_and_generates
     assert "valid: 15,389 tokens" in log
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["vocab_size"] == 2000
-    assert config["tokenizer"] == {"level": "word", "lowercase": True, "strip_punctuation": True}
+    assert config["tokenizer"] == {"level": "word", "bpe_vocab_size": None, "lowercase": True, "strip_punctuation": True}
     assert config["source"]["text_column"] == "title,description"
     assert main(["eval", str(out), "--json"]) == 0
     assert _json_line(capsys)["tokens"] == 14_912 - 1

@@ -27,12 +27,13 @@ from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
 from neurallm.distributed import Ranks, ranks_from_environment, shutdown
 from neurallm.errors import ConfigError, DataError
-from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive
+from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
 from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model
 from neurallm.runtime import pick_device
+from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.loop import Trainer, TrainResult
@@ -198,6 +199,15 @@ def unk_share(corpus: PreparedCorpus, split: str) -> float:
     return counts["unk"] / max(1, counts["tokens"])
 
 
+def warn_if_many_unknown(share: float, what: str) -> None:
+    """Log a warning when more than :data:`UNK_WARN_SHARE` of ``what`` (tokens, named) became ``<unk>``."""
+    if share > UNK_WARN_SHARE:
+        logger.warning(
+            f"warning: {share:.1%} of the {what} are not in the run's vocabulary and were scored as <unk>, "
+            "which makes perplexity look better than it is; compare perplexities only at similar <unk> shares"
+        )
+
+
 @dataclass
 class Run:
     """A trained model loaded from its run directory, ready to evaluate and sample.
@@ -261,14 +271,23 @@ class Run:
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
         result.unk_share = unk_share(corpus, split)
-        if result.unk_share > UNK_WARN_SHARE:
-            where = corpus.meta.get("source", {}).get("data", data)
-            logger.warning(
-                f"warning: {result.unk_share:.1%} of the {split} tokens of {where} are not in the run's vocabulary and "
-                "were scored as <unk>, which makes perplexity look better than it is; compare perplexities only at "
-                "similar <unk> shares"
-            )
+        with_text_units(result, corpus.meta["splits"][split])
+        warn_if_many_unknown(result.unk_share, f"{split} tokens of {corpus.meta.get('source', {}).get('data', data)}")
         return result
+
+    def score(self, texts: list[str], *, independent: bool = False, context: int | None = None) -> list[TextScore]:
+        """Log-probability of each text, line by line, by exact evaluation's rules (:mod:`neurallm.scoring`).
+
+        Each text is one document whose lines are read with the lines before them as context (``independent``:
+        each line alone). A warning is logged when more than :data:`UNK_WARN_SHARE` of the tokens are ``<unk>``.
+        """
+        if isinstance(texts, str):
+            raise ConfigError("Run.score takes a list of texts; wrap a single text as [text]")
+        scores = score_texts(self.model, self.vocab, self.config.tokenizer, list(texts), independent=independent,
+                             bptt=self.config.train.bptt, context=context)
+        tokens = sum(len(score.tokens) for score in scores)
+        warn_if_many_unknown(sum(score.unknown for score in scores) / max(1, tokens), "scored tokens")
+        return scores
 
     def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",
                             context: int | None = None, **source_settings) -> list[dict]:

@@ -204,8 +204,8 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
         from neurallm.export import export_onnx
     except ModuleNotFoundError as exc:
         if exc.name != "neurallm.export":
-            raise ConfigError(f"--onnx-export needs the package {exc.name}: pip install {exc.name}") from None
-        raise ConfigError("--onnx-export: this neurallm has no ONNX export yet; train without it") from None
+            raise ConfigError(f"ONNX export needs the package {exc.name}: pip install 'neurallm[onnx]'") from None
+        raise
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # the exporter imports it only when it runs: check before training
@@ -269,7 +269,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" else ""
+        bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" or result.chars_per_token else ""
+        bpc += f" | bpb {result.bpb:.4f}" if result.bpb is not None else ""
         print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
               f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
     return 0
@@ -344,6 +345,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: {len(result.prompt_unknown)} prompt token(s) not in the vocabulary, read as <unk>: {shown}", file=sys.stderr)
     if args.out:
         print(f"wrote {tokens:,} tokens to {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_score_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="the text to score; its lines are scored one by one (default: none)")
+    given.add_argument("--file", metavar="F", help="a UTF-8 text file to score, line by line (default: none)")
+    given.add_argument("--jsonl", metavar="F", help="a JSONL file: one record per line, its text under --text-field (default: none)")
+    p.add_argument("--text-field", metavar="K", help="JSONL key holding each record's text (required with --jsonl) (default: none)")
+    p.add_argument("--independent", action="store_true",
+                   help="score each line alone (a cold state) instead of with the lines before it as context")
+    _add_context_flag(p, "the model's, as eval (RNNs carry their whole history)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input line")
+    _add_checkpoint_flag(p)
+    _add_device_flag(p)
+
+
+def _score_input(args: argparse.Namespace) -> str:
+    """The text ``score`` reads from --text, --file or --jsonl (one line per JSONL record)."""
+    from neurallm.data.sources import _jsonl_texts
+
+    if args.jsonl is not None and not args.text_field:
+        raise ConfigError("--jsonl needs --text-field K, the key that holds each record's text")
+    if args.jsonl is None and args.text_field:
+        raise ConfigError("--text-field applies to --jsonl only; drop it")
+    if args.text is not None:
+        return args.text
+    path = Path(args.file or args.jsonl)
+    if not path.is_file():
+        raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path}: no such file")
+    try:
+        if args.jsonl:  # one line per record, as `--data F.jsonl --text-field K` reads it
+            with open(path, encoding="utf-8") as f:
+                return "\n".join(_jsonl_texts(f, path=path, field_name=args.text_field))
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from neurallm.api import load_run
+
+    text = _score_input(args)
+    run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+    (score,) = run.score([text], independent=args.independent, context=args.context)
+    for number, line in enumerate(score.lines, start=1):
+        if args.json:
+            print(json.dumps({"line": number, **line.to_dict()}, ensure_ascii=False))
+        else:
+            print(f"{line.logprob:12.3f} {len(line.tokens):6d} {line.ppl:10.2f}  {line.text}")
+    if not args.json:
+        share = score.unknown / max(1, len(score.tokens))
+        print(f"total: logprob {score.logprob:.3f} | tokens {len(score.tokens):,} | ppl {score.ppl:.2f} | <unk> {share:.1%}",
+              file=sys.stderr)
+    return 0
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write (required)")
+    _add_checkpoint_flag(p)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    export_onnx = _onnx_exporter()
+    print(f"exported {args.run} to {export_onnx(Path(args.run), Path(args.onnx), checkpoint=args.checkpoint)} (ONNX)")
     return 0
 
 
@@ -427,6 +495,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("train a model into a run directory", add_train_flags, cmd_train),
     "eval": Subcommand("evaluate a run: loss, perplexity, tokens scored (bpc at char level)", add_eval_flags, cmd_eval),
     "generate": Subcommand("sample text from a run", add_generate_flags, cmd_generate),
+    "score": Subcommand("log-probability, token count and perplexity of each line of a text", add_score_flags, cmd_score),
+    "export": Subcommand("export a run's model to ONNX, its state as explicit inputs and outputs", add_export_flags, cmd_export),
     "explain": Subcommand("show how a text is batchified and cut into BPTT windows", add_explain_flags, cmd_explain),
     "datasets": Subcommand("list the registered datasets and where each is found", add_datasets_flags, cmd_datasets),
     "serve": Subcommand("serve a run: a web page and an HTTP API (generate, stream, score)", add_serve_flags, cmd_serve),
@@ -495,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        if args.command in ("train", "eval", "generate"):  # only commands that run a model load torch
+        if args.command in ("train", "eval", "generate", "score"):  # only commands that run a model load torch
             from neurallm.runtime import keep_freed_memory
 
             keep_freed_memory()  # a process-wide setting: the command owns its process, the library does not

@@ -19,7 +19,8 @@ How a model is run comes from its :meth:`~neurallm.models.contract.LanguageModel
   each window scores ``stride`` new tokens after ``context`` tokens of history (``stride + context`` is the
   training ``bptt``).
 
-Losses are in nats per token; perplexity is ``exp(loss)``; bits per character is ``loss / ln 2`` per character.
+Losses are in nats per token; perplexity is ``exp(loss)``. Bits per byte (``bpb``) and per character (``bpc``)
+divide the same loss by the text it stands for instead of by tokens (see :func:`with_text_units`).
 The ids are read from the (memory-mapped) split one window at a time: no int64 copy of the split is made.
 """
 
@@ -58,6 +59,8 @@ class EvalResult:
         unk_share: fraction of the split's tokens that were not in the vocabulary and became ``<unk>``
             (None when the caller did not know it, e.g. ids passed directly).
         settings: the settings of an evaluation-time method (cache pointer, dynamic evaluation), or None.
+        bytes_per_token, chars_per_token: UTF-8 bytes and characters of the split's text per token (None when
+            unknown: ids passed directly, or a corpus prepared before neurallm counted them).
     """
 
     loss: float
@@ -68,14 +71,22 @@ class EvalResult:
     context: int | None
     unk_share: float | None = None
     settings: dict | None = None
+    bytes_per_token: float | None = None
+    chars_per_token: float | None = None
 
     @property
     def ppl(self) -> float:
         return math.exp(min(self.loss, 700.0))
 
     @property
+    def bpb(self) -> float | None:
+        """Bits per UTF-8 byte of the text (see :func:`with_text_units`); None if the byte count is unknown."""
+        return None if self.bytes_per_token is None else self.loss / math.log(2) / self.bytes_per_token
+
+    @property
     def bpc(self) -> float:
-        return self.loss / math.log(2)
+        """Bits per character; for a char model whose characters were not counted, bits per token (the same)."""
+        return self.loss / math.log(2) / (self.chars_per_token or 1.0)
 
     def to_dict(self, level: str = "word") -> dict:
         out = {
@@ -87,13 +98,47 @@ class EvalResult:
             "batch_size": self.batch_size,
             "context": self.context,
         }
-        if level == "char":
+        if level == "char" or self.chars_per_token is not None:
             out["bpc"] = self.bpc
+        if self.bpb is not None:
+            out["bpb"] = self.bpb
         if self.unk_share is not None:
             out["unk_share"] = self.unk_share
         if self.settings is not None:
             out.update(self.settings)
         return out
+
+
+# Why bits per byte, and not perplexity, compares tokenizers
+# ---------------------------------------------------------
+# Perplexity is exp(mean loss per *token*), and what a token is differs between tokenizers. A character model
+# predicts ~5 tokens per English word, each of them easy (after "th" an "e" is likely): its perplexity is ~3. A
+# word model predicts one token per word, a hard choice among tens of thousands: perplexity ~100. A BPE model
+# sits in between and moves with --vocab-size. Neither number says which model predicts the *text* better,
+# because they divide the same total surprise by different counts. And a word vocabulary hides part of the
+# text: every rare word becomes one cheap <unk>, which a character or byte-level model has to spell out.
+#
+# The total negative log-likelihood of a text, though, is comparable: each model assigns a probability to the
+# same text. Dividing it by something every tokenizer agrees on — the text's UTF-8 bytes (or characters) —
+# gives a rate that compares them: bits per byte = total NLL / ln 2 / bytes. (It is the compressed size of the
+# text, in bits, were the model used as an arithmetic coder.) Byte counts are fixed by the text alone, so the
+# figure also does not change with the vocabulary size (nanochat reports the same quantity for that reason).
+#
+# The byte and character counts of each split are taken at `prepare` time from the text as read (each line plus
+# its line break) and stored in the prepared meta.json. Evaluation scores every token but the first (exact
+# method) or the columns batchify keeps (naive), so the loss per token is converted with the split's bytes per
+# token: bpb = (loss / ln 2) × tokens / bytes, i.e. the scored tokens are charged the split's average bytes.
+# For a char model the characters are the tokens, so its bpc is loss / ln 2 as before and its
+# bpb = bpc × chars / bytes. Caveat: a word model's <unk> tokens still make its bpb look better than it is on
+# text with many unknown words (the <unk> share is reported beside it).
+def with_text_units(result: EvalResult, counts: dict) -> EvalResult:
+    """``result`` with the bytes and characters per token of the split whose ``counts`` (the prepared meta's
+    ``{"tokens", "bytes", "chars"}``) it was scored on, so it reports ``bpb`` and ``bpc``; counts of a corpus
+    prepared before they were recorded leave it unchanged."""
+    if counts.get("bytes") and counts.get("chars") and counts.get("tokens"):
+        result.bytes_per_token = counts["bytes"] / counts["tokens"]
+        result.chars_per_token = counts["chars"] / counts["tokens"]
+    return result
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, detokenize, tokenize_line
+from neurallm.data.bpe import BPE
+from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, detokenize, line_break_token, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
@@ -114,10 +115,11 @@ def generate(
         on_text: called with the text as it is made: the prompt with the first token, then one piece per token;
             the pieces add up to the result's ``text``.
     """
-    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer, vocab.bpe)
     prompt_text = prompt if prompt_tokens else ""
     # the first word is joined to the prompt by a space unless the prompt ends a line or a word already
-    detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")))
+    detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")),
+                              bpe=vocab.bpe)
     emit = on_text or (lambda piece: None)
     generated_tokens: list[str] = []
     for token in iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
@@ -126,23 +128,27 @@ def generate(
             emit(prompt_text)  # only once the settings passed their checks (at the first token)
         generated_tokens.append(token)
         emit(detokenizer.piece(token))
+    emit(detokenizer.flush())
     unknown = [t for t in prompt_tokens if t not in vocab.index]
-    return GenerationResult(continue_text(prompt, generated_tokens, tokenizer), generated_tokens, prompt_tokens, unknown)
+    return GenerationResult(continue_text(prompt, generated_tokens, tokenizer, vocab.bpe), generated_tokens, prompt_tokens, unknown)
 
 
-def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings) -> list[str]:
+def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings, bpe: BPE | None = None) -> list[str]:
     """The prompt's tokens; an unfinished last line gets no end-of-line token."""
+    if tokenizer.level == "bpe" and bpe is not None:
+        # BPE encodes the text as it is: an unfinished line simply has no line break to encode
+        return bpe.tokenizer.encode(prompt.lower() if tokenizer.lowercase else prompt, add_special_tokens=False).tokens
     prompt_tokens = [t for line in prompt.splitlines() for t in tokenize_line(line, tokenizer)]
     if prompt_tokens and not prompt.endswith("\n"):
         prompt_tokens = prompt_tokens[:-1]
     return prompt_tokens
 
 
-def continue_text(prompt: str, generated_tokens: list[str], tokenizer: TokenizerSettings) -> str:
+def continue_text(prompt: str, generated_tokens: list[str], tokenizer: TokenizerSettings, bpe: BPE | None = None) -> str:
     """The prompt followed by the generated tokens as text (what :func:`generate` returns as ``text``)."""
-    prompt_text = prompt if prompt_to_tokens(prompt, tokenizer) else ""
+    prompt_text = prompt if prompt_to_tokens(prompt, tokenizer, bpe) else ""
     level = tokenizer.level
-    return prompt_text + _joiner(prompt_text, generated_tokens, level) + detokenize(generated_tokens, level)
+    return prompt_text + _joiner(prompt_text, generated_tokens, level) + detokenize(generated_tokens, level, bpe)
 
 
 @torch.no_grad()
@@ -169,8 +175,8 @@ def iter_generate(
         raise ConfigError(f"--context must be at least 1, got {context}")
     model.eval()
     device = next(model.parameters()).device
-    prompt_tokens = prompt_to_tokens(prompt, tokenizer)
-    start = prompt_tokens or ([EOS] if tokenizer.level == "word" else ["\n"])
+    prompt_tokens = prompt_to_tokens(prompt, tokenizer, vocab.bpe)
+    start = prompt_tokens or [line_break_token(tokenizer, vocab.bpe)]
     ids, _ = vocab.encode(start)
 
     generator = torch.Generator().manual_seed(seed)
@@ -187,6 +193,6 @@ def iter_generate(
 
 
 def _joiner(prompt_text: str, generated: list[str], level: str) -> str:
-    if level == "char" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
+    if level != "word" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
         return ""
     return " "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from neurallm.data.batching import EvalColumn, plan_sliding_windows
-from neurallm.data.tokenizers import EOS, TokenizerSettings, tokenize_line
+from neurallm.data.tokenizers import TokenizerSettings, line_break_token, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
 from neurallm.evaluation import default_context
@@ -104,11 +104,6 @@ class TextScore:
         return sum(line.unknown for line in self.lines)
 
 
-def line_start_token(tokenizer: TokenizerSettings) -> str:
-    """The token every line follows: what a document's first token is conditioned on."""
-    return EOS if tokenizer.level == "word" else "\n"
-
-
 @torch.no_grad()
 def score_texts(
     model: LanguageModel,
@@ -148,11 +143,11 @@ def score_texts(
 def _score_text(model: LanguageModel, vocab: Vocab, tokenizer: TokenizerSettings, text: str, independent: bool, bptt: int,
                 context: int) -> TextScore:
     lines = text.splitlines() or [""]
-    tokenized = [tokenize_line(line, tokenizer) for line in lines]
+    tokenized = [tokenize_line(line, tokenizer, vocab.bpe) for line in lines]
     groups = [[i] for i in range(len(lines))] if independent else [list(range(len(lines)))]
     logprobs: list[list[float]] = [[] for _ in lines]
     for group in groups:
-        document = [line_start_token(tokenizer)] + [t for i in group for t in tokenized[i]]
+        document = [line_break_token(tokenizer, vocab.bpe)] + [t for i in group for t in tokenized[i]]
         ids, _ = vocab.encode(document)
         values = _target_logprobs(model, np.asarray(ids, dtype=np.int64), bptt, context)
         offset = 0

@@ -29,7 +29,7 @@ def test_prepare_writes_id_streams_vocab_and_meta(tiny_corpus, tmp_path):
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["key"] == prepared.meta["key"]
     assert meta["vocab_size"] == len(prepared.vocab) == len(json.loads((out / "vocab.json").read_text())["tokens"])
-    assert meta["tokenizer"] == {"level": "word", "lowercase": False, "strip_punctuation": False}
+    assert meta["tokenizer"] == {"level": "word", "bpe_vocab_size": None, "lowercase": False, "strip_punctuation": False}
     for split in SPLITS:
         assert meta["splits"][split]["tokens"] == len(prepared.ids(split))
         assert meta["splits"][split]["unk"] == 0
@@ -127,7 +127,9 @@ def test_unk_substitutions_of_valid_and_test_are_in_meta(tmp_path):
     (corpus / "valid.txt").write_text("a x y\n", encoding="utf-8")
     (corpus / "test.txt").write_text("z b\n", encoding="utf-8")
     meta = json.loads((_prepare(corpus, tmp_path / "p").folder / "meta.json").read_text(encoding="utf-8"))
-    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0}, "valid": {"tokens": 4, "unk": 2}, "test": {"tokens": 3, "unk": 1}}
+    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0, "chars": 6, "bytes": 6},
+                              "valid": {"tokens": 4, "unk": 2, "chars": 6, "bytes": 6},
+                              "test": {"tokens": 3, "unk": 1, "chars": 4, "bytes": 4}}  # each line with its line break
 
 
 def test_ag_news_prepares_with_the_news_preprocessing(shared_data, tmp_path):
@@ -230,4 +232,5 @@ def test_a_utf16_corpus_prepares_with_its_encoding(tmp_path):
         (folder / f"{split}.txt").write_text("größe über alles\nzweite zeile\n" * 3, encoding="utf-16")
     prepared = _prepare(folder, tmp_path / "p", encoding="utf-16")
     assert {"größe", "über", "zweite"} <= set(prepared.vocab.tokens)
-    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0}  # (3 words + <eos> + 2 words + <eos>) × 3
+    # (3 words + <eos> + 2 words + <eos>) × 3; characters of the text, and its bytes in UTF-8 (ö, ß, ü: 2 each)
+    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0, "chars": 90, "bytes": 99}

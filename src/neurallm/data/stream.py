@@ -45,6 +45,7 @@ import numpy as np
 
 from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
+from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, VocabSettings, build_vocab
 from neurallm.errors import DataError
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
 SPLIT_FILES = tuple(f"{split}.npy" for split in SPLITS)
-FORMAT_VERSION = 2  # 2: whole-folder swap, per-split dtype, max_id and sha256 in meta
+FORMAT_VERSION = 3  # 2: whole-folder swap, per-split dtype, max_id and sha256 in meta; 3: chars and bytes per split, BPE
 _PROVISIONAL = np.dtype(np.uint32)
 _SPOOL_ITEMS = 1 << 18  # provisional ids held in memory before they are appended to the temp file
 _BLOCK = 1 << 20  # ids remapped and written per step (4 MB of provisional ids)
@@ -126,6 +127,7 @@ def load_prepared(folder: Path) -> PreparedCorpus:
     # a folder encoded for evaluation may hold only the split asked for (prepare_corpus's `splits`)
     splits = list(meta.get("splits") or SPLITS)
     missing = [f"{split}.npy" for split in splits if not (folder / f"{split}.npy").is_file()]
+    vocab.bpe = load_bpe_beside(folder)
     if missing:
         raise DataError(f"{folder}: prepared corpus lacks {', '.join(missing)}; run `neurallm prepare` again")
     try:
@@ -263,7 +265,11 @@ def prepare_corpus(
             if out_dir is not None:
                 logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
     vocab_given = vocab
-    writer = _Writer(corpus, tokenizer, tuple(splits))
+    if vocab is None and tokenizer.level == "bpe":
+        # the merges are learned from the train split only: valid and test text must not shape the tokens
+        bpe = BPE.train((line.lower() if tokenizer.lowercase else line for line in corpus.lines("train")), tokenizer.vocab_size)
+        vocab = Vocab(bpe.vocabulary(), bpe=bpe)
+    writer = _Writer(corpus, tokenizer, tuple(splits), bpe=vocab.bpe if vocab is not None else None)
     try:
         with atomic_folder(folder) as tmp:
             vocab = writer.write(tmp, vocab, vocab_settings)
@@ -276,11 +282,14 @@ def prepare_corpus(
                 "tokenizer": tokenizer.to_dict(),
                 "vocab_settings": asdict(vocab_settings),
                 "vocab_size": len(vocab),
-                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"]} for split, a in writer.arrays.items()},
+                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], **writer.text_units[split]}
+                           for split, a in writer.arrays.items()},
                 "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
             }
             # plain writes: the temp folder is swapped in whole, after atomic_folder has fsynced every file
             (tmp / VOCAB_FILE).write_text(vocab.to_json(), encoding="utf-8")
+            if vocab.bpe is not None:
+                (tmp / TOKENIZER_FILE).write_text(vocab.bpe.to_json(), encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     except OSError as exc:
         if not is_disk_full(exc):
@@ -311,12 +320,17 @@ class _CountingDigest:
 class _Writer:
     """One preparation: source → provisional ids in a temp file → vocabulary → ``{split}.npy``."""
 
-    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, splits: tuple[str, ...] = SPLITS) -> None:
-        self.corpus, self.tokenizer, self.splits = corpus, tokenizer, splits
+    def __init__(self, corpus: Corpus, tokenizer: TokenizerSettings, splits: tuple[str, ...] = SPLITS,
+                 bpe: BPE | None = None) -> None:
+        self.corpus, self.tokenizer, self.splits, self.bpe = corpus, tokenizer, splits, bpe
         self.source_digest = _CountingDigest()
         self.n_provisional = 0
         self.id_itemsize = 4
         self.arrays: dict[str, dict] = {}  # per split: tokens, unk, dtype, max_id, sha256
+        # per split: characters and UTF-8 bytes of its text, each line with its line break (the units of bits per
+        # character and per byte, see neurallm.evaluation.with_text_units), counted in the same single read
+        self.text_units: dict[str, dict[str, int]] = {}
+        self._file_units = (0, 0)  # characters and bytes of the file _append read last
 
     def write(self, tmp: Path, vocab: Vocab | None, vocab_settings: VocabSettings) -> Vocab:
         with tempfile.TemporaryFile(dir=tmp) as spool:
@@ -351,33 +365,42 @@ class _Writer:
             if source_file.split is not None:
                 self._append(source_file, table, spool, None)
                 bounds[source_file.split] = (first, self.n_provisional)
+                self.text_units[source_file.split] = dict(zip(("chars", "bytes"), self._file_units))
                 continue
             # a single file's split points are lines, known once all lines are counted: keep where each line ends
+            # (in tokens, characters and bytes)
             with tempfile.TemporaryFile(dir=tmp) as ends_file:
                 n_lines = self._append(source_file, table, spool, ends_file)
                 for split, (start, stop) in split_bounds(n_lines, self.corpus.split_ratios, source_file.path).items():
-                    bounds[split] = (_line_end(ends_file, start - 1) if start else first, _line_end(ends_file, stop - 1))
+                    before = _line_end(ends_file, start - 1) if start else (first, 0, 0)
+                    after = _line_end(ends_file, stop - 1)
+                    bounds[split] = (before[0], after[0])
+                    self.text_units[split] = {"chars": after[1] - before[1], "bytes": after[2] - before[2]}
         return list(table), bounds
 
     def _append(self, source_file: SourceFile, table: defaultdict[str, int], spool: BinaryIO,
                 ends_file: BinaryIO | None) -> int:
-        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them);
-        return the number of lines."""
-        lookup, tokenizer = table.__getitem__, self.tokenizer
+        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them,
+        in tokens, characters and bytes); return the number of lines. The file's characters and bytes are left in
+        ``self._file_units``."""
+        lookup, tokenizer, bpe = table.__getitem__, self.tokenizer, self.bpe
         buffer, line_ends = array("I"), array("Q")
-        n_lines = 0
+        n_lines = n_chars = n_bytes = 0
         try:
             for line in source_file.lines(self.source_digest):
-                buffer.extend(map(lookup, tokenize_line(line, tokenizer)))
+                buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
+                n_chars += len(line) + 1
+                n_bytes += len(line.encode("utf-8")) + 1
                 if ends_file is not None:
-                    line_ends.append(self.n_provisional + len(buffer))
+                    line_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
                     if len(line_ends) >= _SPOOL_ITEMS:
-                        n_lines += _flush(line_ends, ends_file)
+                        n_lines += _flush(line_ends, ends_file) // 3
                 if len(buffer) >= _SPOOL_ITEMS:
                     self.n_provisional += _flush(buffer, spool)
             self.n_provisional += _flush(buffer, spool)
             if ends_file is not None:
-                n_lines += _flush(line_ends, ends_file)
+                n_lines += _flush(line_ends, ends_file) // 3
+            self._file_units = (n_chars, n_bytes)
         except OSError:
             self.n_provisional += len(buffer)  # counted for bytes_needed() should the disk be full
             raise
@@ -434,10 +457,11 @@ def _blocks(spool: BinaryIO, start: int, stop: int):
         yield np.fromfile(spool, dtype=_PROVISIONAL, count=min(_BLOCK, stop - first))
 
 
-def _line_end(ends_file: BinaryIO, line: int) -> int:
+def _line_end(ends_file: BinaryIO, line: int) -> tuple[int, int, int]:
+    """Where ``line`` ends: (provisional ids, characters, bytes) from the start of its file's records."""
     ends_file.flush()
-    ends_file.seek(line * 8)
-    return int(np.fromfile(ends_file, dtype=np.uint64, count=1)[0])
+    ends_file.seek(line * 24)
+    return tuple(int(x) for x in np.fromfile(ends_file, dtype=np.uint64, count=3))
 
 
 def _reserve(f: BinaryIO, size: int) -> None:

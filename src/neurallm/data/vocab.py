@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neurallm.data.bpe import BPE
 from neurallm.data.tokenizers import EOS, UNK
 from neurallm.errors import ConfigError, RunDirError
 from neurallm.settings import setting
@@ -37,9 +38,12 @@ class Vocab:
     """An ordered list of tokens; a token's id is its index.
 
     ``<unk>`` is always present (id 0) so that any text can be encoded; at word level ``<eos>`` is id 1.
+    At level ``bpe`` the tokens are the BPE's, in its id order, and ``bpe`` is the trained BPE that makes
+    them from text (saved beside ``vocab.json`` as ``tokenizer.json``).
     """
 
     tokens: list[str]
+    bpe: BPE | None = field(default=None, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

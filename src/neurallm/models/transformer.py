@@ -86,7 +86,9 @@ class Attention(nn.Module):
             allowed = causal_lower_right(T, m + T)
             y = F.scaled_dot_product_attention(q_rot, k_rot, v_all, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.proj(y), context[:, max(0, m + T - keep) :]
+        # the last `keep` positions, written as a slice from the end so that an exported (traced) graph keeps it
+        # relative to the dynamic length m+T rather than baking in the start it had when traced
+        return self.proj(y), (context[:, -keep:] if keep else context[:, :0])
 
     def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, table: Rotary) -> torch.Tensor:
         """Generation: attend from ``x`` ``(B, T, C)`` at positions ``length..length+T-1`` to the cached ring

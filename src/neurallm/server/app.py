@@ -126,8 +126,8 @@ def create_app(run: Run, settings: ServeConfig) -> FastAPI:
             if on_token is not None:
                 on_token(token)
             deadline.check()
-        unknown = [t for t in prompt_to_tokens(body.prompt, tokenizer) if t not in run.vocab.index]
-        return GenerateResponse(text=continue_text(body.prompt, generated, tokenizer), tokens=len(generated),
+        unknown = [t for t in prompt_to_tokens(body.prompt, tokenizer, run.vocab.bpe) if t not in run.vocab.index]
+        return GenerateResponse(text=continue_text(body.prompt, generated, tokenizer, run.vocab.bpe), tokens=len(generated),
                                 seconds=round(time.perf_counter() - started, 4), prompt_unknown=unknown)
 
     def score(texts: list[str]):
@@ -158,7 +158,7 @@ def create_app(run: Run, settings: ServeConfig) -> FastAPI:
         # admitted (or refused with 503) before the stream starts, so a full queue is still a plain HTTP error
         future = _submit(worker, sample, body, deadline, lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
                          deadline=deadline)
-        return StreamingResponse(_events(body.prompt, tokenizer, tokens, future, deadline, settings.timeout),
+        return StreamingResponse(_events(body.prompt, tokenizer, run.vocab.bpe, tokens, future, deadline, settings.timeout),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/api/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
@@ -186,17 +186,17 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def text_piece(prompt: str, previous: str | None, token: str, tokenizer) -> str:
+def text_piece(prompt: str, previous: str | None, token: str, tokenizer, bpe=None) -> str:
     """The text ``token`` adds to what is shown so far (the pieces add up to :func:`continue_text`'s text).
 
     Joining tokens into text is local: the space before a word depends only on the token before it.
     """
     if previous is None:
-        return continue_text(prompt, [token], tokenizer)[len(continue_text(prompt, [], tokenizer)):]
-    return detokenize([previous, token], tokenizer.level)[len(detokenize([previous], tokenizer.level)):]
+        return continue_text(prompt, [token], tokenizer, bpe)[len(continue_text(prompt, [], tokenizer, bpe)):]
+    return detokenize([previous, token], tokenizer.level, bpe)[len(detokenize([previous], tokenizer.level, bpe)):]
 
 
-async def _events(prompt: str, tokenizer, tokens: "asyncio.Queue[str]", future, deadline: Deadline,
+async def _events(prompt: str, tokenizer, bpe, tokens: "asyncio.Queue[str]", future, deadline: Deadline,
                   timeout: float) -> AsyncIterator[str]:
     """Server-sent events: ``token`` {token, text} per token, then ``done`` (the /api/generate answer) or ``error``."""
     previous: str | None = None
@@ -209,7 +209,7 @@ async def _events(prompt: str, tokenizer, tokens: "asyncio.Queue[str]", future, 
                                              return_when=asyncio.FIRST_COMPLETED)
             if next_token in finished:
                 token = next_token.result()
-                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer)})
+                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer, bpe)})
                 previous = token
                 continue
             next_token.cancel()
@@ -217,7 +217,7 @@ async def _events(prompt: str, tokenizer, tokens: "asyncio.Queue[str]", future, 
                 raise asyncio.TimeoutError
             while not tokens.empty():  # tokens queued before the generation ended
                 token = tokens.get_nowait()
-                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer)})
+                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer, bpe)})
                 previous = token
             yield _sse("done", done.result().model_dump())
             return

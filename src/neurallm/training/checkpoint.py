@@ -5,6 +5,7 @@
     RUN/
       config.json        all settings (data, tokenizer, vocabulary, model, training)
       vocab.json         the vocabulary
+      tokenizer.json     the trained BPE (--tokenizer bpe only; the tokenizers library's format)
       model.safetensors  weights with the best validation loss so far
       last.safetensors   latest weights + optimizer, schedule, RNG states, data position, carried state
       metrics.jsonl      one JSON line per epoch
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neurallm.config import ModelConfig, RunConfig
+from neurallm.data.bpe import TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError, RunDirError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
@@ -210,6 +212,8 @@ def write_run_files(folder: Path, config: RunConfig, vocab: Vocab) -> None:
     # config.json first: from then on the folder parses as a run, so `--force` may replace it after a crash
     atomic_write_json(Path(folder) / CONFIG_FILE, config.to_dict())
     atomic_write_text(Path(folder) / VOCAB_FILE, vocab.to_json())
+    if vocab.bpe is not None:
+        atomic_write_text(Path(folder) / TOKENIZER_FILE, vocab.bpe.to_json())
 
 
 def read_run_config(folder: Path) -> RunConfig:
@@ -234,7 +238,9 @@ def read_run_config(folder: Path) -> RunConfig:
 
 def read_vocab(folder: Path) -> Vocab:
     path = Path(folder) / VOCAB_FILE
-    return Vocab.from_json(read_bounded_text(path, MAX_VOCAB_BYTES, "the run directory is incomplete or damaged"), path)
+    vocab = Vocab.from_json(read_bounded_text(path, MAX_VOCAB_BYTES, "the run directory is incomplete or damaged"), path)
+    vocab.bpe = load_bpe_beside(folder)
+    return vocab
 
 
 # What torch.compile (``_orig_mod.``) and DistributedDataParallel (``module.``) put in front of the wrapped

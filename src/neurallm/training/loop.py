@@ -46,7 +46,7 @@ from neurallm.data.stream import PreparedCorpus
 from neurallm.data.variable_bptt import VariableWindows
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
-from neurallm.evaluation import EvalResult, evaluate
+from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
@@ -112,12 +112,34 @@ class _StopRequest:
             signal.signal(sig, previous)
 
 
+def _tqdm_class():
+    """tqdm's notebook bar where it can draw (Jupyter with ipywidgets), its console bar everywhere else.
+
+    ``tqdm.auto`` in a Jupyter kernel without ipywidgets warns (TqdmWarning / TqdmExperimentalWarning) and draws
+    nothing; the console class with ``disable`` set (stderr is no terminal there) lets the plain progress lines
+    show instead.
+    """
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm import tqdm
+
+        return tqdm
+    import warnings
+
+    from tqdm import TqdmExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmExperimentalWarning)
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 class _Progress:
     """The epoch's progress bar (tqdm); the loss it shows is refreshed every --log-interval windows."""
 
     def __init__(self, trainer: "Trainer", total: int) -> None:
-        from tqdm.auto import tqdm
-
+        tqdm = _tqdm_class()
         self.trainer = trainer
         self.started = time.perf_counter()
         train = trainer.config.train
@@ -360,8 +382,9 @@ class Trainer:
     def evaluate_split(self, split: str) -> EvalResult:
         """Exact evaluation of the current weights on ``split`` (in eval mode; the mode is restored)."""
         train = self.config.train
-        return evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt,
-                        context=train.eval_context, ranks=self.ranks)
+        result = evaluate(self.model, self.data.ids(split), batch_size=train.eval_batch_size, bptt=train.bptt,
+                          context=train.eval_context, ranks=self.ranks)
+        return with_text_units(result, self.data.meta["splits"][split])
 
     def run(self, *, resume: bool = False) -> TrainResult:
         train = self.config.train
@@ -475,6 +498,8 @@ class Trainer:
         }
         if self.config.tokenizer.level == "char":
             record["valid_bpc"] = valid.bpc
+        if valid.bpb is not None:
+            record["valid_bpb"] = valid.bpb
         self.metrics.append(record)
         if epoch_done:
             # only whole epochs drive the schedule, so a run stopped by --max-time and extended later anneals
@@ -510,6 +535,7 @@ class Trainer:
         if self.ranks.is_main:
             ckpt.write_results(self.run_dir, results)
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
+        bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
         logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
 
