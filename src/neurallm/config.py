@@ -214,6 +214,12 @@ def from_dict(cls, data: dict, source: str):
         default = known[name].default
         if default is MISSING or default is None:
             continue
+        if isinstance(default, tuple):  # JSON keeps a tuple (--cutoffs, --split-ratios) as a list of numbers
+            if not (isinstance(value, (list, tuple))
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"{source}: {name} is {value!r}, not a list of numbers; the file is damaged")
+            data = {**data, name: tuple(value)}
+            continue
         kinds = (int, float) if type(default) is float else type(default)
         if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
             raise ConfigError(f"{source}: {name} is {value!r}, not of type {type(default).__name__}; the file is damaged")

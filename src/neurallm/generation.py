@@ -128,7 +128,9 @@ def generate(
             emit(prompt_text)  # only once the settings passed their checks (at the first token)
         generated_tokens.append(token)
         emit(detokenizer.piece(token))
-    emit(detokenizer.flush())
+    held_back = detokenizer.flush()  # BPE bytes that never completed a character
+    if held_back:
+        emit(held_back)
     unknown = [t for t in prompt_tokens if t not in vocab.index]
     return GenerationResult(continue_text(prompt, generated_tokens, tokenizer, vocab.bpe), generated_tokens, prompt_tokens, unknown)
 

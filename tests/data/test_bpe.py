@@ -121,3 +121,30 @@ def test_a_single_files_bytes_and_characters_are_split_with_its_lines(tmp_path):
     assert splits["test"]["chars"] == len(test_text) and splits["test"]["bytes"] == len(test_text.encode("utf-8"))
     assert sum(s["chars"] for s in splits.values()) == len(text)
     assert sum(s["bytes"] for s in splits.values()) == len(text.encode("utf-8"))
+
+
+def test_streamed_bpe_text_never_shows_half_a_character_and_adds_up_to_the_text():
+    """A byte-level token can end inside a character (é is two bytes, 語 three): streaming holds it back."""
+    import torch
+
+    from neurallm.config import ModelConfig
+    from neurallm.data.tokenizers import Detokenizer, TokenizerSettings
+    from neurallm.data.vocab import Vocab
+    from neurallm.generation import generate
+    from neurallm.models import build_model
+
+    bpe = BPE.train(["café déjà vu 日本語のテキスト"] * 20, 300)
+    tokens = bpe.tokens("日本語 café")
+    assert any("\ufffd" in bpe.detokenize([t]) for t in tokens)  # some token alone is half a character
+    detokenizer = Detokenizer("bpe", bpe=bpe)
+    pieces = [detokenizer.piece(t) for t in tokens] + [detokenizer.flush()]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == bpe.detokenize(tokens) == "日本語 café\n"
+
+    vocab = Vocab(bpe.vocabulary(), bpe=bpe)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(model="GRU", vocab_size=len(vocab), emsize=8, nhid=8, nlayers=1, dropout=0.0)).eval()
+    streamed: list[str] = []
+    result = generate(net, vocab, TokenizerSettings(level="bpe"), prompt="café", tokens=60, seed=5, on_text=streamed.append)
+    # an untrained model samples byte sequences that are not UTF-8 at all, so only the sum is checked here
+    assert "".join(streamed) == result.text
