@@ -34,14 +34,12 @@ class FolderLock:
     Attributes:
         folder: the locked folder.
         fd: the open lock file that carries the ``flock``.
+        path: that lock file (inside the folder, or beside it for a folder that is replaced whole).
     """
 
     folder: Path
     fd: int
-
-    @property
-    def path(self) -> Path:
-        return self.folder / LOCK_FILE
+    path: Path
 
     def release(self) -> None:
         if self.fd < 0:
@@ -83,29 +81,31 @@ def _holder(path: Path) -> str:
     return f"PID {pid}, writing {what}" if what else f"PID {pid}"
 
 
-def _busy(folder: Path) -> FolderInUseError:
+def _busy(folder: Path, path: Path) -> FolderInUseError:
     return FolderInUseError(
-        f"{folder} is in use by another neurallm process ({_holder(folder / LOCK_FILE)}); "
+        f"{folder} is in use by another neurallm process ({_holder(path)}); "
         "wait for it to finish or stop it (Ctrl-C), or use another folder"
     )
 
 
-def lock_folder(folder: Path, what: str) -> FolderLock:
-    """Take the exclusive lock of an existing ``folder`` for this process, or raise naming the holder's PID.
+def lock_folder(folder: Path, what: str, *, beside: bool = False) -> FolderLock:
+    """Take the exclusive lock of ``folder`` for this process, or raise naming the holder's PID.
 
     Args:
-        folder: the folder to lock (must exist).
+        folder: the folder to lock (must exist unless ``beside``).
         what: what this process writes, kept in the lock file for the error a second process gets ("a training run").
+        beside: keep the lock file next to the folder (``.NAME.neurallm.lock``) rather than in it: for a folder that
+            is written elsewhere and swapped in whole (a prepared corpus), which would swap a lock inside it away.
     """
     folder = Path(folder)
-    path = folder / LOCK_FILE
+    path = folder.parent / f".{folder.name}{LOCK_FILE}" if beside else folder / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _busy(folder) from None
+            raise _busy(folder, path) from None
         except BaseException:
             os.close(fd)
             raise
@@ -114,7 +114,7 @@ def lock_folder(folder: Path, what: str) -> FolderLock:
         os.close(fd)  # the holder released and unlinked it between our open and flock: take the new file
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {what}\n".encode())
-    return FolderLock(folder, fd)
+    return FolderLock(folder, fd, path)
 
 
 def check_not_locked(folder: Path) -> None:
@@ -127,6 +127,6 @@ def check_not_locked(folder: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _busy(Path(folder)) from None
+        raise _busy(Path(folder), path) from None
     finally:
         os.close(fd)

@@ -307,3 +307,22 @@ def test_a_full_disk_while_appending_a_metrics_line(small_disk):
     with pytest.raises(DiskFullError, match="metrics.jsonl: no space left on the device"):
         append_line(path, "x" * 20_000)
     assert path.read_text(encoding="utf-8").splitlines()[0] == '{"epoch": 1}'
+
+
+def test_a_second_process_writing_the_same_prepared_folder_is_refused_naming_the_first(tmp_path, capsys):
+    """The lock lies beside the folder (the folder itself is swapped in whole) and is taken only to write."""
+    from neurallm.cli import main
+    from neurallm.locking import lock_folder
+
+    corpus, out = _corpus(tmp_path / "a", 60, 1), tmp_path / "prepared"
+    with lock_folder(out, "a prepared corpus", beside=True):  # another process in the middle of writing it
+        assert main(["prepare", "--data", str(corpus), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"PID {os.getpid()}, writing a prepared corpus" in err[0] and str(out) in err[0]
+        assert not out.exists()
+    assert main(["prepare", "--data", str(corpus), "--out", str(out)]) == 0  # released: it goes ahead
+    assert load_prepared(out).meta["splits"]["train"]["tokens"] > 0
+    assert _leftovers(tmp_path) == ["a", "prepared"]  # the lock file went with its release
+    # a finished folder is read without the lock, so readers never wait for a writer elsewhere
+    with lock_folder(out, "a prepared corpus", beside=True):
+        assert main(["prepare", "--data", str(corpus), "--out", str(out)]) == 0

@@ -43,13 +43,14 @@ from typing import BinaryIO
 
 import numpy as np
 
+from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
-from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
 from neurallm.data.vocab import Vocab, VocabSettings, build_vocab
 from neurallm.errors import DataError
 from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
+from neurallm.locking import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -254,16 +255,40 @@ def prepare_corpus(
     folder = Path(out_dir) if out_dir is not None else cache_dir() / "prepared" / source_key
     if out_dir is not None:
         check_out_folder(folder)
-    if is_prepared(folder):
-        try:
-            prepared = load_prepared(folder)
-        except DataError as exc:
-            logger.info(f"preparing again: {exc}")
-        else:
-            if prepared.meta.get("source_key") == source_key:
-                return prepared
-            if out_dir is not None:
-                logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
+    prepared = _reusable(folder, source_key, replacing=out_dir is not None)
+    if prepared is not None:
+        return prepared
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: a second process preparing into the same folder gets one line naming the first. The
+    # lock file lies beside the folder, which is replaced whole. Taken only to write, so readers of a finished
+    # folder (a cache hit, the other ranks under torchrun) never wait for it.
+    with lock_folder(folder, "a prepared corpus", beside=True):
+        prepared = _reusable(folder, source_key, replacing=False)  # another process may have just written it
+        if prepared is not None:
+            return prepared
+        return _write_prepared(folder, corpus, source, tokenizer, vocab_settings, vocab, splits, settings, source_key)
+
+
+def _reusable(folder: Path, source_key: str, *, replacing: bool) -> PreparedCorpus | None:
+    """The corpus already in ``folder`` if it was prepared from the same files and settings, else None."""
+    if not is_prepared(folder):
+        return None
+    try:
+        prepared = load_prepared(folder)
+    except DataError as exc:
+        logger.info(f"preparing again: {exc}")
+        return None
+    if prepared.meta.get("source_key") == source_key:
+        return prepared
+    if replacing:
+        logger.info(f"{folder} holds a corpus prepared from other files or settings; replacing it")
+    return None
+
+
+def _write_prepared(folder: Path, corpus: Corpus, source: SourceSettings, tokenizer: TokenizerSettings,
+                    vocab_settings: VocabSettings, vocab: Vocab | None, splits: tuple[str, ...], settings,
+                    source_key: str) -> PreparedCorpus:
+    """Encode ``corpus`` into a temp folder and swap it in as ``folder`` (see :func:`prepare_corpus`)."""
     vocab_given = vocab
     if vocab is None and tokenizer.level == "bpe":
         # the merges are learned from the train split only: valid and test text must not shape the tokens
