@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from neurallm.data.bpe import BPE
-from neurallm.data.tokenizers import EOS, Detokenizer, TokenizerSettings, detokenize, line_break_token, tokenize_line
+from neurallm.data.tokenizers import Detokenizer, TokenizerSettings, line_break_token, tokenize_line
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
@@ -117,10 +117,14 @@ def generate(
     """
     prompt_tokens = prompt_to_tokens(prompt, tokenizer, vocab.bpe)
     prompt_text = prompt if prompt_tokens else ""
-    # the first word is joined to the prompt by a space unless the prompt ends a line or a word already
-    detokenizer = Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")),
-                              bpe=vocab.bpe)
-    emit = on_text or (lambda piece: None)
+    detokenizer = detokenizer_after(prompt_text, tokenizer, vocab.bpe)
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
+
     generated_tokens: list[str] = []
     for token in iter_generate(model, vocab, tokenizer, prompt=prompt, tokens=tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, context=context):
@@ -132,7 +136,7 @@ def generate(
     if held_back:
         emit(held_back)
     unknown = [t for t in prompt_tokens if t not in vocab.index]
-    return GenerationResult(continue_text(prompt, generated_tokens, tokenizer, vocab.bpe), generated_tokens, prompt_tokens, unknown)
+    return GenerationResult("".join(pieces), generated_tokens, prompt_tokens, unknown)
 
 
 def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings, bpe: BPE | None = None) -> list[str]:
@@ -146,11 +150,17 @@ def prompt_to_tokens(prompt: str, tokenizer: TokenizerSettings, bpe: BPE | None 
     return prompt_tokens
 
 
+def detokenizer_after(prompt_text: str, tokenizer: TokenizerSettings, bpe: BPE | None = None) -> Detokenizer:
+    """A :class:`Detokenizer` for the tokens that follow ``prompt_text``: the first word is joined to the prompt
+    by a space unless the prompt ends a line or a word already."""
+    return Detokenizer(tokenizer.level, after_word=bool(prompt_text) and not prompt_text.endswith(("\n", " ")), bpe=bpe)
+
+
 def continue_text(prompt: str, generated_tokens: list[str], tokenizer: TokenizerSettings, bpe: BPE | None = None) -> str:
     """The prompt followed by the generated tokens as text (what :func:`generate` returns as ``text``)."""
     prompt_text = prompt if prompt_to_tokens(prompt, tokenizer, bpe) else ""
-    level = tokenizer.level
-    return prompt_text + _joiner(prompt_text, generated_tokens, level) + detokenize(generated_tokens, level, bpe)
+    detokenizer = detokenizer_after(prompt_text, tokenizer, bpe)
+    return prompt_text + "".join(detokenizer.piece(t) for t in generated_tokens) + detokenizer.flush()
 
 
 @torch.no_grad()
@@ -192,9 +202,3 @@ def iter_generate(
         yield vocab.tokens[next_id]
         if produced < tokens:  # the last token is not fed back: nothing would read its features
             features, cache = model.generation_step(torch.tensor([[next_id]], device=device), cache)
-
-
-def _joiner(prompt_text: str, generated: list[str], level: str) -> str:
-    if level != "word" or not prompt_text or prompt_text.endswith(("\n", " ")) or not generated or generated[0] == EOS:
-        return ""
-    return " "

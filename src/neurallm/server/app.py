@@ -34,9 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neurallm import __version__
 from neurallm.api import Run
 from neurallm.config import ServeConfig
-from neurallm.data.tokenizers import detokenize
 from neurallm.errors import NeurallmError
-from neurallm.generation import continue_text, iter_generate, prompt_to_tokens
+from neurallm.generation import continue_text, detokenizer_after, iter_generate, prompt_to_tokens
 from neurallm.scoring import score_texts
 from neurallm.server.facts import model_facts
 from neurallm.server.limits import BodyLimit
@@ -186,20 +185,14 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def text_piece(prompt: str, previous: str | None, token: str, tokenizer, bpe=None) -> str:
-    """The text ``token`` adds to what is shown so far (the pieces add up to :func:`continue_text`'s text).
-
-    Joining tokens into text is local: the space before a word depends only on the token before it.
-    """
-    if previous is None:
-        return continue_text(prompt, [token], tokenizer, bpe)[len(continue_text(prompt, [], tokenizer, bpe)):]
-    return detokenize([previous, token], tokenizer.level, bpe)[len(detokenize([previous], tokenizer.level, bpe)):]
-
-
 async def _events(prompt: str, tokenizer, bpe, tokens: "asyncio.Queue[str]", future, deadline: Deadline,
                   timeout: float) -> AsyncIterator[str]:
-    """Server-sent events: ``token`` {token, text} per token, then ``done`` (the /api/generate answer) or ``error``."""
-    previous: str | None = None
+    """Server-sent events: ``token`` {token, text} per token, then ``done`` (the /api/generate answer) or ``error``.
+
+    The ``text`` pieces add up to the answer's text: one :class:`Detokenizer` joins them as generation does (a
+    BPE character split across tokens arrives whole, with the token that completes it).
+    """
+    detokenizer = detokenizer_after(prompt if prompt_to_tokens(prompt, tokenizer, bpe) else "", tokenizer, bpe)
     done = asyncio.wrap_future(future)
     try:
         while True:
@@ -209,16 +202,14 @@ async def _events(prompt: str, tokenizer, bpe, tokens: "asyncio.Queue[str]", fut
                                              return_when=asyncio.FIRST_COMPLETED)
             if next_token in finished:
                 token = next_token.result()
-                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer, bpe)})
-                previous = token
+                yield _sse("token", {"token": token, "text": detokenizer.piece(token)})
                 continue
             next_token.cancel()
             if not finished:
                 raise asyncio.TimeoutError
             while not tokens.empty():  # tokens queued before the generation ended
                 token = tokens.get_nowait()
-                yield _sse("token", {"token": token, "text": text_piece(prompt, previous, token, tokenizer, bpe)})
-                previous = token
+                yield _sse("token", {"token": token, "text": detokenizer.piece(token)})
             yield _sse("done", done.result().model_dump())
             return
     except (DeadlinePassed, asyncio.TimeoutError):
