@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over steps of the PyTorch example's default LSTM.
 
-Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25]``.
+Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25] [--amp bf16]``.
 Prints the operators sorted by total CPU time (self time excluded from parents), after a few warm-up steps.
 """
 
@@ -27,9 +27,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="as neurallm train --amp")
     args = p.parse_args()
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     keep_freed_memory()
-    prepared = prepare(args.data, log=lambda message: None)
+    prepared = prepare(args.data)
     torch.manual_seed(1111)
     model = build_model(ModelConfig(vocab_size=len(prepared.vocab))).train()
     train = TrainConfig()
@@ -40,7 +42,7 @@ def main() -> None:
     def step() -> None:
         nonlocal state
         inputs, targets = next(batches)
-        state = training_step(model, optimizer, inputs, targets, state, clip=train.clip).state
+        state = training_step(model, optimizer, inputs, targets, state, clip=train.clip, amp_dtype=amp_dtype).state
 
     for _ in range(args.warmup):
         step()

@@ -8,6 +8,7 @@ Usage::
 
     python benchmarks/train_speed.py --data ../shared/data/wt2-lite --repeats 2            # one full epoch each
     python benchmarks/train_speed.py --data ../shared/data/wt2-lite --repeats 3 --batches 60  # the first 60 windows
+    python benchmarks/train_speed.py --data ../shared/data/wt2-lite --repeats 2 --amp bf16    # neurallm --amp bf16
 
 With ``--batches`` both programs run the same first windows in a bare loop (neurallm's loop is its
 ``training_step`` over ``ContiguousBatches``, the trainer's per-window work); without it neurallm runs
@@ -43,10 +44,11 @@ def run_child(command: list[str], env: dict | None = None) -> tuple[str, float]:
     return text, usage.ru_maxrss / 1024
 
 
-def neurallm_epoch(data: str) -> dict:
+def neurallm_epoch(data: str, amp: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         run = Path(folder) / "run"
-        command = [sys.executable, "-m", "neurallm", "train", "--data", data, "--out", str(run), "--epochs", "1", "--no-progress"]
+        command = [sys.executable, "-m", "neurallm", "train", "--data", data, "--out", str(run), "--epochs", "1", "--no-progress",
+                   "--amp", amp]
         started = time.perf_counter()
         _, rss = run_child(command)
         record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -60,13 +62,13 @@ def baseline_epoch(data: str) -> dict:
     return {"tokens_per_s": result["train_tokens_per_s"], "valid_ppl": result["valid_ppl"], "peak_rss_mb": rss}
 
 
-def windows(program: str, data: str, batches: int, threads: int | None) -> dict:
-    command = [sys.executable, __file__, "--data", data, "--child", program, "--batches", str(batches)]
+def windows(program: str, data: str, batches: int, threads: int | None, amp: str) -> dict:
+    command = [sys.executable, __file__, "--data", data, "--child", program, "--batches", str(batches), "--amp", amp]
     text, rss = run_child(command + (["--threads", str(threads)] if threads else []))
     return {**json.loads(text.splitlines()[-1]), "peak_rss_mb": rss}
 
 
-def child(program: str, data: str, batches: int, threads: int | None) -> None:
+def child(program: str, data: str, batches: int, threads: int | None, amp: str) -> None:
     """The bare loop over the first ``batches`` windows (run in its own process)."""
     import torch
 
@@ -91,7 +93,8 @@ def child(program: str, data: str, batches: int, threads: int | None) -> None:
         stream = ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt)
         started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
         for inputs, targets in list(stream.epoch(0))[:batches]:
-            state = training_step(model, optimizer, inputs, targets, state, clip=train.clip).state
+            state = training_step(model, optimizer, inputs, targets, state, clip=train.clip,
+                                  amp_dtype=torch.bfloat16 if amp == "bf16" else None).state
             tokens += inputs.numel()
     else:
         sys.path.insert(0, str(HERE))
@@ -126,22 +129,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batches", type=int, help="time only the first N windows (a bare loop) instead of an epoch")
     p.add_argument("--threads", type=int, help="torch threads in the --batches loops (default: torch's choice)")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="neurallm's --amp (bf16: bfloat16 matrix products, AMX/AVX-512 BF16 on a recent x86 CPU)")
     p.add_argument("--child", choices=["neurallm", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.data, args.batches, args.threads)
+        child(args.child, args.data, args.batches, args.threads, args.amp)
         return
     results: dict[str, list[dict]] = {"baseline": [], "neurallm": []}
     for repeat in range(args.repeats):
         for program in ("baseline", "neurallm") if repeat % 2 == 0 else ("neurallm", "baseline"):
             if args.batches:
-                result = windows(program, args.data, args.batches, args.threads)
+                result = windows(program, args.data, args.batches, args.threads, args.amp)
             else:
-                result = (neurallm_epoch if program == "neurallm" else baseline_epoch)(args.data)
+                result = neurallm_epoch(args.data, args.amp) if program == "neurallm" else baseline_epoch(args.data)
             results[program].append(result)
             print(f"{program:9} run {repeat + 1}: " + ", ".join(f"{k} {v:,.2f}" for k, v in result.items()), flush=True)
     summary = {}
-    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb") if args.batches else ("tokens_per_s", "peak_rss_mb"):
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb") if args.batches else ("tokens_per_s", "peak_rss_mb", "valid_ppl"):
         ours, theirs = (statistics.median(r[key] for r in results[p]) for p in ("neurallm", "baseline"))
         summary[key] = {"neurallm": ours, "baseline": theirs, "ratio": round(ours / theirs, 3)}
     print(json.dumps(summary))

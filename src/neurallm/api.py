@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
@@ -305,7 +306,10 @@ class Run:
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Run:
-    """Load a run directory's model (``best``: model.safetensors, ``last``: last.safetensors)."""
+    """Load a run directory's model (``best``: model.safetensors, ``last``: last.safetensors).
+
+    An NT-ASGD run that has begun averaging is scored, like its validation, with the averaged weights: ``last``
+    then loads the running average saved beside the raw weights."""
     folder = Path(run_dir)
     config = ckpt.read_run_config(folder)
     vocab = ckpt.read_vocab(folder)
@@ -318,5 +322,21 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "au
     model = build_model(config.model)
     tensors, _ = ckpt.read_safetensors(path)
     ckpt.load_model_tensors(model, tensors, path)
+    if checkpoint == "last":
+        _apply_saved_average(model, tensors, path)
     model.to(pick_device(device)).eval()
     return Run(folder, config, vocab, model)
+
+
+def _apply_saved_average(model: nn.Module, tensors: dict, path: Path) -> None:
+    from neurallm.training.ntasgd import PREFIX
+
+    averages = {name[len(PREFIX):]: t for name, t in tensors.items() if name.startswith(PREFIX)}
+    if not averages:
+        return
+    params = dict(model.named_parameters())
+    if set(averages) != set(params) or any(averages[n].shape != p.shape for n, p in params.items()):
+        raise ckpt.RunDirError(f"{path}: its NT-ASGD averages do not match the model's parameters; the file is damaged")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(averages[name])

@@ -115,7 +115,8 @@ def _add_device_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help=_with_default("best: model.safetensors (best on validation); last: last.safetensors", "best"))
+                   help=_with_default("best: model.safetensors (best on validation); last: last.safetensors (an NT-ASGD run "
+                                      "that has begun averaging: its running average, which validation scores)", "best"))
 
 
 # --- subcommands: one function adds the flags, one runs it ------------------------------------------------------

@@ -164,7 +164,8 @@ class TrainConfig:
     dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
-    amp: str = setting("none", help="bf16: train under bfloat16 autocast (loss and softmax stay float32; evaluation is float32)",
+    amp: str = setting("none", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
+                       "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
                        choices=AMP_MODES)
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)")
 

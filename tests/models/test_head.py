@@ -35,10 +35,30 @@ def test_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradients(n, re
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_without_gradients_only_the_value_is_computed():
+def test_bfloat16_products_give_the_float32_loss_and_gradients_to_bfloat16_precision(monkeypatch):
+    """``--amp bf16`` on a CPU: the three matrix products in bfloat16, softmax and accumulation in float32."""
+    monkeypatch.setattr(chunked_softmax, "CHUNK", 8)
+    features, weight, bias, targets = _inputs(37, d=32, v=300)
+    low = linear_cross_entropy(features, weight, bias, targets, "mean", torch.bfloat16)
+    low_grads = torch.autograd.grad(low, (features, weight, bias))
+    full = linear_cross_entropy(features, weight, bias, targets, "mean")
+    full_grads = torch.autograd.grad(full, (features, weight, bias))
+    assert low.item() == pytest.approx(full.item(), rel=2e-2)
+    for got, want in zip(low_grads, full_grads):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.05 * want.norm()
+
+
+def test_without_gradients_only_the_value_is_computed(monkeypatch):
+    """Under no_grad (evaluation) each slice costs one matrix multiply, the logits; none for gradients, although
+    the weight and bias still require grad."""
+    monkeypatch.setattr(chunked_softmax, "CHUNK", 8)
     features, weight, bias, targets = _inputs(20)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
         value = linear_cross_entropy(features, weight, bias, targets, "sum")
+    calls = {event.key: event.count for event in profiled.key_averages()}
+    assert calls.get("aten::addmm") == 3  # slices of 8, 8 and 4 positions
+    assert "aten::mm" not in calls and "aten::addmm_" not in calls
     assert value.grad_fn is None
     assert value.item() == pytest.approx(F.cross_entropy(features @ weight.T + bias, targets, reduction="sum").item(), rel=1e-5)
 

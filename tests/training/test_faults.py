@@ -145,3 +145,53 @@ def test_the_cli_reports_a_second_fault_in_one_line_and_eval_still_works(corpus,
     assert main(["eval", str(run), "--json"]) == 0
     assert main(["eval", str(run), "--checkpoint", "last", "--json"]) == 0
     assert main(["generate", str(run), "--tokens", "5"]) == 0
+
+
+def test_a_fault_while_averaging_restores_the_nt_asgd_average_of_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+    """The steps a fault throws away are taken out of NT-ASGD's running average too."""
+    from neurallm.training.ntasgd import PREFIX
+    from neurallm.training.optim import Schedule
+
+    run = tmp_path / "run"
+    original_after_validation = Schedule.after_validation
+
+    def average_from_the_first_epoch(self, valid_loss):
+        original_after_validation(self, valid_loss)
+        self.averaging = True
+
+    monkeypatch.setattr(Schedule, "after_validation", average_from_the_first_epoch)
+    neurallm.train(corpus, run, **{**SETTINGS, "epochs": 1, "optimizer": "ntasgd", "lr": 1.0})
+    saved = load_file(run / "last.safetensors")
+    assert training_state(run)["average"]["count"] == 1  # averaging began at the end of epoch 1
+    seen = []
+    original_restore = Trainer.restore_last
+
+    def spy(self, *, full):
+        original_restore(self, full=full)
+        seen.append((full, self.average.count, {k: v.clone() for k, v in self.average.means.items()}))
+
+    monkeypatch.setattr(Trainer, "restore_last", spy)
+    inject_faults(monkeypatch, {5})
+    neurallm.train(None, run, resume=True, epochs=2)
+    full, count, means = seen[1]  # the fault's restore (4 steps of epoch 2 had been averaged in)
+    assert not full and count == 1
+    for name, mean in means.items():
+        assert torch.equal(mean, saved[PREFIX + name]), name
+
+
+def test_eval_of_the_last_checkpoint_scores_the_nt_asgd_average(corpus, tmp_path, monkeypatch):
+    """Validation scores the averaged weights once NT-ASGD averages; so does load_run(checkpoint="last")."""
+    from neurallm.training.optim import Schedule
+
+    original_after_validation = Schedule.after_validation
+
+    def average_from_the_first_epoch(self, valid_loss):
+        original_after_validation(self, valid_loss)
+        self.averaging = True
+
+    monkeypatch.setattr(Schedule, "after_validation", average_from_the_first_epoch)
+    run = tmp_path / "run"
+    neurallm.train(corpus, run, **{**SETTINGS, "epochs": 3, "optimizer": "ntasgd", "lr": 1.0})
+    last_valid = metrics(run)[-1]["valid_loss"]
+    scored = neurallm.load_run(run, checkpoint="last").evaluate(split="valid", context=SETTINGS["eval_context"])
+    assert scored.loss == pytest.approx(last_valid, rel=1e-4)  # the same weights; batch sizes may differ

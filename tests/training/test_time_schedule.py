@@ -1,52 +1,77 @@
-"""With --max-time, the cosine schedule is fitted to the time: it reaches its end when the time runs out."""
+"""With --max-time, the cosine schedule follows the training clock: it reaches its end when the time runs out,
+however the speed varies on the way."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from neurallm.training.optim import TIMING_SHARE, Schedule
+from neurallm.training.optim import Schedule
 
 
-def _schedule() -> Schedule:
-    return Schedule("adamw", 1e-3, warmup=10, total_steps=100_000)
+def _schedule(total_steps: int = 100_000) -> Schedule:
+    return Schedule("adamw", 1e-3, warmup=10, total_steps=total_steps)
 
 
-def test_the_length_is_fitted_once_from_the_measured_speed():
+def _cosine(progress: float) -> float:
+    return 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _run(schedule: Schedule, seconds_per_step: list[float], time_limit: float | None) -> list[float]:
+    """Step the schedule with the given step durations; the learning rate after each step."""
+    rates = []
+    for seconds in seconds_per_step:
+        schedule.after_step(schedule.elapsed + seconds, time_limit)
+        rates.append(schedule.lr)
+    return rates
+
+
+def test_after_the_warmup_the_cosine_is_the_share_of_the_remaining_time_spent():
     schedule = _schedule()
-    schedule.step = 100
-    schedule.fit_to_time(elapsed=TIMING_SHARE * 110 - 0.1, max_time=110)  # still measuring
-    assert schedule.total_steps == 100_000 and schedule.fitted_to is None
-    schedule.fit_to_time(elapsed=11.0, max_time=110)  # 100 steps in 11 s: 900 more fit in the 99 s left
-    assert schedule.total_steps == 1000 and schedule.fitted_to == 110
-    schedule.step = 500
-    schedule.fit_to_time(elapsed=50.0, max_time=110)  # fixed once: a slower stretch does not move the end
-    assert schedule.total_steps == 1000
-    schedule.step = 999
-    schedule.after_step()
-    assert schedule.lr == pytest.approx(1e-4)  # annealed to its floor when the time runs out
+    _run(schedule, [1.0] * 10, time_limit=110)  # warm-up ends at 10 s
+    assert schedule.warmup_end_time == 10.0
+    _run(schedule, [5.0] * 10, time_limit=110)  # 60 s: half of the 100 s after the warm-up
+    assert schedule.lr == pytest.approx(_cosine(0.5))
 
 
-def test_the_fitted_length_never_exceeds_the_epochs():
-    schedule = Schedule("adamw", 1e-3, warmup=10, total_steps=500)
-    schedule.step = 100
-    schedule.fit_to_time(elapsed=11.0, max_time=110)
-    assert schedule.total_steps == 500
-
-
-def test_resume_keeps_the_fitted_length_for_the_same_limit_and_refits_for_a_new_one():
+def test_a_slow_start_does_not_end_the_schedule_early():
+    """The speed of the first stretch says nothing about the rest: only the clock counts."""
     schedule = _schedule()
-    schedule.step = 100
-    schedule.fit_to_time(elapsed=11.0, max_time=110)
+    _run(schedule, [1.0] * 10 + [3.0] * 10, time_limit=110)  # slow: 40 s, 30 of the 100 after the warm-up
+    assert schedule.lr == pytest.approx(_cosine(0.3))
+    rates = _run(schedule, [0.1] * 700, time_limit=110)  # then ten times faster until the time is up
+    assert rates[-1] == pytest.approx(1e-4)  # annealed to its floor exactly when the time runs out
+    assert rates[-2] > 1e-4
+
+
+def test_the_epochs_end_the_schedule_if_they_come_first():
+    schedule = _schedule(total_steps=110)
+    _run(schedule, [0.1] * 110, time_limit=1000)
+    assert schedule.lr == pytest.approx(1e-4)
+
+
+def test_resume_continues_the_clock_and_a_raised_limit_stretches_the_rest():
+    schedule = _schedule()
+    _run(schedule, [1.0] * 60, time_limit=110)  # 60 s: half way
     same = Schedule.from_dict(schedule.to_dict())
     same.resumed(100_000, 110)
-    assert same.total_steps == 1000  # an exact resume
+    assert same.lr == schedule.lr and same.elapsed == 60.0
+    _run(same, [1.0], time_limit=110)
+    assert same.lr == pytest.approx(_cosine(51 / 100))
     raised = Schedule.from_dict(schedule.to_dict())
-    raised.resumed(100_000, 300)
-    assert raised.total_steps == 100_000 and raised.fitted_to is None  # fitted again to the new limit
+    raised.resumed(100_000, 210)
+    _run(raised, [1.0], time_limit=210)
+    assert raised.lr == pytest.approx(_cosine(51 / 200))
 
 
-def test_sgd_schedules_are_not_fitted():
+def test_a_checkpoint_from_the_fitted_schedule_still_loads():
+    data = {**_schedule().to_dict(), "fitted_to": 110.0}
+    data.pop("time_limit"), data.pop("elapsed"), data.pop("warmup_end_time")
+    assert Schedule.from_dict(data).time_limit is None
+
+
+def test_sgd_schedules_do_not_follow_the_clock():
     schedule = Schedule("sgd", 20.0, warmup=0, total_steps=100_000)
-    schedule.step = 100
-    schedule.fit_to_time(elapsed=11.0, max_time=110)
-    assert schedule.total_steps == 100_000
+    _run(schedule, [1.0] * 100, time_limit=110)
+    assert schedule.lr == 20.0

@@ -46,7 +46,8 @@ class SoftmaxHead(OutputHead):
         """
         if features.device.type == "cpu" and reduction != "none":
             flat = features.reshape(-1, features.size(-1))
-            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction)
+            matmul_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction, matmul_dtype)
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from neurallm.config import ModelConfig
 from neurallm.models.contract import EvalLayout, GenerationCache, LanguageModel, State
@@ -83,6 +82,9 @@ class Attention(nn.Module):
             # query i sits at position m+i and may see every key up to and including that position: a causal
             # mask aligned to the lower-right corner. Said that way rather than as a dense (T, m+T) boolean mask,
             # SDPA can pick the flash / memory-efficient kernels on a GPU (a dense mask rules flash out).
+            # (imported here: torch.nn.attention.bias pulls in torch._dynamo, 2 s and ~70 MB for every model)
+            from torch.nn.attention.bias import causal_lower_right
+
             allowed = causal_lower_right(T, m + T)
             y = F.scaled_dot_product_attention(q_rot, k_rot, v_all, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)

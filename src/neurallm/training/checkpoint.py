@@ -48,6 +48,7 @@ from neurallm.errors import ConfigError, RunDirError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
 from neurallm.locking import LOCK_FILE, FolderLock, check_not_locked, lock_folder
 from neurallm.models import build_model
+from neurallm.training.optim import Optimizer
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
@@ -457,7 +458,7 @@ def reading_training_state(path: Path) -> Iterator[None]:
         raise _damaged_state(Path(path), f"{exc.__class__.__name__}: {exc}") from None
 
 
-def optimizer_to_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def optimizer_to_state(optimizer: Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Split an optimizer state dict into JSON (param groups, scalars) and tensors (moments)."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -470,7 +471,7 @@ def optimizer_to_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str
     return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
 
 
-def optimizer_from_state(optimizer: torch.optim.Optimizer, info: dict, tensors: dict[str, torch.Tensor]) -> None:
+def optimizer_from_state(optimizer: Optimizer, info: dict, tensors: dict[str, torch.Tensor]) -> None:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):

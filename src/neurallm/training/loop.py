@@ -301,6 +301,8 @@ class Trainer:
     def _apply_training_state(self, state: ckpt.TrainingState, *, full: bool) -> None:
         path = self.run_dir / ckpt.LAST_FILE
         ckpt.optimizer_from_state(self.optimizer, state.info["optimizer"], state.tensors)
+        # NT-ASGD's average goes back with the weights: the steps a fault throws away leave it too
+        self.average.load_state(state.info.get("average"), state.tensors)
         if not full:
             return
         info = state.info
@@ -326,7 +328,6 @@ class Trainer:
         saved.resumed(self.config.train.epochs * len(self.batches), self.config.train.max_time)
         self.schedule = saved
         self.metrics = info["metrics"]
-        self.average.load_state(info.get("average"), state.tensors)
         prefix = _rank_prefix(self.ranks.rank)
         own = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)} if prefix else state.tensors
         restore_rng_state(info["rng"] if self.ranks.is_main else info["rank_rng"][self.ranks.rank - 1], own)
@@ -427,12 +428,10 @@ class Trainer:
             due = self.window % self.check_interval == 0 or self.window == len(self.batches)
             if due and self._check_faults():
                 continue
-            # an accelerator learns of a fault only at the next check; its schedule then counts the faulty step
-            self.schedule.after_step()
             self.average.update()
             self.elapsed += time.perf_counter() - step_started
-            if train.max_time is not None:
-                self.schedule.fit_to_time(self.elapsed, train.max_time)
+            # an accelerator learns of a fault only at the next check; its schedule then counts the faulty step
+            self.schedule.after_step(self.elapsed, train.max_time)
             tokens += inputs.numel()
             progress.advance(tokens)
             stopped_by, save_now = self._decide(stop, due, time.perf_counter() - last_save >= self.save_every)

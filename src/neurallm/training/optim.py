@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules.
 
-* ``sgd``: plain SGD; the learning rate is divided by 4 whenever the validation loss fails to improve
+* ``sgd``: plain SGD (:class:`~neurallm.training.sgd.PlainSGD`); the learning rate is divided by 4 whenever the validation loss fails to improve
   (the PyTorch example's schedule).
 * ``ntasgd``: SGD at a constant learning rate (with L2 weight decay) until validation stalls, non-monotonically
   (see :mod:`neurallm.training.ntasgd`); then the weights are averaged.
@@ -8,10 +8,13 @@
   last step of the last epoch. Weight decay applies to matrices only, not to biases and LayerNorm gains.
 
 With ``--max-time`` the last step is not known in advance, yet a run stopped by the clock in mid-schedule has
-not annealed and scores much worse. So once :data:`TIMING_SHARE` of the time is spent, the steps per second
-measured so far fix the schedule's length (:meth:`Schedule.fit_to_time`): the cosine reaches its end when the
-time runs out. The length is fixed once and saved with the schedule, so a resumed run continues exactly; a
-resume that raises ``--max-time`` fits it again to the new limit.
+not annealed and scores much worse. So the cosine follows the training clock instead: after the warm-up its
+progress is the share of the remaining time spent (or of the epochs' steps, whichever is further), and it reaches
+its end when the time runs out however the speed varies on the way. An earlier version fixed the length once from
+the steps per second of the first 10% of the time; on a shared machine whose speed drifted, that ended the cosine
+an epoch early (measured: lr at its floor for the last 35 of 110 s). The clock is the trainer's training time,
+saved in the checkpoint, so a resumed run continues the schedule where it stopped; a raised ``--max-time``
+stretches what is left of it.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ import torch
 from torch import nn
 
 from neurallm.config import TrainConfig
+from neurallm.training.sgd import PlainSGD
 
-TIMING_SHARE = 0.1  # share of --max-time over which steps per second are measured before the length is fixed
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+Optimizer = torch.optim.Optimizer | PlainSGD  # what build_optimizer returns; the trainer uses only their shared part
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr)
+        return PlainSGD(model.parameters(), lr=config.lr)
     if config.optimizer == "ntasgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return PlainSGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -54,7 +60,9 @@ class Schedule:
     nonmono: int = 5
     valid_history: list[float] = field(default_factory=list)  # each whole epoch's validation loss (ntasgd's trigger)
     averaging: bool = False  # ntasgd has switched to averaged weights
-    fitted_to: float | None = None  # the --max-time that total_steps was fitted to from the measured speed
+    time_limit: float | None = None  # --max-time: the cosine follows the training clock towards it
+    elapsed: float = 0.0  # training seconds after the last step (the trainer's clock)
+    warmup_end_time: float | None = None  # the clock when the warm-up ended (the cosine's start in time)
 
     def __post_init__(self) -> None:
         if self.lr == 0.0:
@@ -63,28 +71,26 @@ class Schedule:
     def _adamw_lr(self) -> float:
         if self.step < self.warmup:
             return self.base_lr * (self.step + 1) / self.warmup
-        progress = min(1.0, (self.step - self.warmup) / max(1, self.total_steps - self.warmup))
+        progress = (self.step - self.warmup) / max(1, self.total_steps - self.warmup)
+        if self.time_limit is not None and self.warmup_end_time is not None:
+            time_left = max(1e-9, self.time_limit - self.warmup_end_time)
+            progress = max(progress, (self.elapsed - self.warmup_end_time) / time_left)
+        progress = min(1.0, progress)
         return self.base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def after_step(self) -> None:
+    def after_step(self, elapsed: float = 0.0, time_limit: float | None = None) -> None:
+        """Count a step; ``elapsed`` is the training time so far and ``time_limit`` the ``--max-time`` (None: none)."""
         self.step += 1
+        self.elapsed, self.time_limit = elapsed, time_limit
+        if self.warmup_end_time is None and self.step >= self.warmup:
+            self.warmup_end_time = elapsed
         if self.kind == "adamw":
             self.lr = self._adamw_lr()
 
-    def fit_to_time(self, elapsed: float, max_time: float) -> None:
-        """Once ``TIMING_SHARE`` of ``max_time`` seconds is spent, end the schedule where the time will run out
-        at the speed measured so far (never later than the epochs' end). Does nothing after the first time."""
-        if self.fitted_to is not None or self.kind != "adamw" or elapsed < TIMING_SHARE * max_time or self.step == 0:
-            return
-        steps_left = (max_time - elapsed) * self.step / elapsed
-        self.total_steps = min(self.total_steps, self.step + max(1, round(steps_left)))
-        self.fitted_to = max_time
-
     def resumed(self, total_steps: int, max_time: float | None) -> None:
-        """Continue under possibly changed limits: a length fitted to the same ``--max-time`` is kept (an exact
-        resume); otherwise the schedule spans ``total_steps`` (``--epochs`` raised) and is fitted again."""
-        if self.fitted_to is None or self.fitted_to != max_time:
-            self.total_steps, self.fitted_to = total_steps, None
+        """Continue under possibly changed limits: the epochs' end is ``total_steps`` and the clock runs towards
+        ``max_time`` (a raised ``--epochs`` or ``--max-time`` stretches what is left of the cosine)."""
+        self.total_steps, self.time_limit = total_steps, max_time
 
     def after_validation(self, valid_loss: float) -> None:
         """Record the validation loss of a whole epoch; SGD anneals when it is no better than the best so far;
@@ -102,7 +108,7 @@ class Schedule:
         self.base_lr *= factor
         self.lr *= factor
 
-    def apply(self, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
+    def apply(self, optimizer: Optimizer, scale: float = 1.0) -> None:
         """Set the optimizer's learning rate; ``scale`` multiplies it for one step (a window of variable length)."""
         for group in optimizer.param_groups:
             group["lr"] = self.lr * scale
@@ -115,6 +121,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict) -> "Schedule":
         data = dict(data)
+        data.pop("fitted_to", None)  # checkpoints from before the clock-driven schedule
         if data.get("best_valid_loss") is None:
             data["best_valid_loss"] = math.inf
         return cls(**data)

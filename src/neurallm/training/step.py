@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from neurallm.models.contract import State
+from neurallm.training.optim import Optimizer
 
 
 def detach_state(state: State) -> State:
@@ -47,7 +48,7 @@ def syncs_for_free(device: torch.device) -> bool:
 
 def training_step(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     state: State,

@@ -1,0 +1,45 @@
+"""The benchmark scripts still run against the current code (they print figures; these runs check only that they
+work end to end and print what the README quotes, on a tiny corpus)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_patterned_corpus
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_profile_train_prints_the_step_time_and_the_operator_table(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=1000)  # 15 windows: warm-up, timed and profiled steps
+    out = _run("profile_train.py", "--data", str(corpus), "--steps", "2", "--warmup", "1", "--rows", "5", "--amp", "bf16")
+    assert "ms/step without the profiler" in out
+    assert "Self CPU time total" in out
+
+
+def test_train_speed_compares_the_same_windows_of_both_programs(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=400)
+    out = _run("train_speed.py", "--data", str(corpus), "--repeats", "1", "--batches", "2", "--threads", "1")
+    summary = json.loads(out.splitlines()[-1])
+    assert set(summary) == {"tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"}
+    assert summary["tokens_per_s"]["neurallm"] > 0 and summary["tokens_per_s"]["baseline"] > 0
+
+
+def test_eval_speed_reports_agreement_between_batch_sizes(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=400)
+    out = _run("eval_speed.py", "--data", str(corpus), "--batch-sizes", "1,4", "--repeats", "1")
+    summary = json.loads(out.splitlines()[-1])
+    assert [row["batch_size"] for row in summary["exact"]] == [1, 4]
+    assert summary["exact"][1]["gap_vs_first"] < 5e-4
