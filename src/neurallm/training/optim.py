@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules.
 
-* ``sgd``: plain SGD (:class:`~neurallm.training.sgd.PlainSGD`); the learning rate is divided by 4 whenever the validation loss fails to improve
-  (the PyTorch example's schedule).
+* ``sgd``: plain SGD (:class:`~neurallm.training.sgd.PlainSGD`); the learning rate is divided by 4 whenever the
+  validation loss fails to improve (the PyTorch example's schedule).
 * ``ntasgd``: SGD at a constant learning rate (with L2 weight decay) until validation stalls, non-monotonically
   (see :mod:`neurallm.training.ntasgd`); then the weights are averaged.
 * ``adamw``: AdamW with linear warm-up over ``warmup`` steps, then cosine decay to a tenth of ``lr`` by the
@@ -27,8 +27,6 @@ from torch import nn
 
 from neurallm.config import TrainConfig
 from neurallm.training.sgd import PlainSGD
-
-
 
 Optimizer = torch.optim.Optimizer | PlainSGD  # what build_optimizer returns; the trainer uses only their shared part
 
