@@ -246,6 +246,9 @@ CASES = [
     ("save-every-nan", TRAIN + ["--save-every", "nan"], _corpus, "--save-every must be 0 (every step) or more seconds"),
     ("save-every-negative", TRAIN + ["--save-every", "-5"], _corpus, "--save-every must be 0 (every step) or more seconds"),
     ("nhid-absurd", TRAIN + ["--nhid", "2000000"], _corpus, "--nhid must be between 1 and 65,536"),
+    # each tensor within bounds, all of them ~860 GiB: refused before the allocator fails (or the OOM killer strikes)
+    ("model-beyond-memory", TRAIN + ["--emsize", "60000", "--nhid", "60000", "--nlayers", "4"], _corpus,
+     "choose a smaller --nhid/--emsize/--nlayers"),
     ("nlayers-absurd", TRAIN + ["--nlayers", str(10**6)], _corpus, "--nlayers must be between 1 and 1,024"),
     # incompatible flags
     ("tied-adaptive", TRAIN + ["--tied", "--adaptive-softmax"], _corpus, "--tied and --adaptive-softmax"),

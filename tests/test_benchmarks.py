@@ -43,3 +43,10 @@ def test_eval_speed_reports_agreement_between_batch_sizes(tmp_path):
     summary = json.loads(out.splitlines()[-1])
     assert [row["batch_size"] for row in summary["exact"]] == [1, 4]
     assert summary["exact"][1]["gap_vs_first"] < 5e-4
+
+
+def test_output_layer_floor_prints_each_slice_size():
+    out = _run("output_layer_floor.py", "--dim", "16", "--vocab", "500", "--rows", "8,32", "--repeats", "2")
+    summary = json.loads(out.splitlines()[-1])
+    assert [row["rows"] for row in summary["slices"]] == [8, 32]
+    assert all(row["logits_fp32_us_per_token"] > 0 and row["logits_bf16_us_per_token"] > 0 for row in summary["slices"])

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm import __version__
-from neurallm.config import CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, TrainConfig
+from neurallm.config import (
+    CACHE_LAMBDA, CACHE_THETA, CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, DYNAMIC_DECAY, DYNAMIC_LR, EVAL_BATCH_SIZE,
+    TRAIN_SETTINGS, ModelConfig, TrainConfig,
+)
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
@@ -226,13 +229,14 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("evaluation-time methods (README: Cache pointer and dynamic evaluation)")
     m.add_argument("--cache-pointer", type=int, metavar="N",
                    help="mix in a continuous cache pointer over the last N hidden states (default: off)")
-    m.add_argument("--theta", type=float, default=0.3, help=_with_default("cache pointer: sharpness of the match", 0.3))
-    m.add_argument("--lambda", dest="lambda_", type=float, default=0.1,
-                   help=_with_default("cache pointer: weight of the cache in the mixture", 0.1))
+    m.add_argument("--theta", type=float, default=CACHE_THETA, help=_with_default("cache pointer: sharpness of the match", CACHE_THETA))
+    m.add_argument("--lambda", dest="lambda_", type=float, default=CACHE_LAMBDA,
+                   help=_with_default("cache pointer: weight of the cache in the mixture", CACHE_LAMBDA))
     m.add_argument("--dynamic", action="store_true", help="dynamic evaluation: adapt the weights to each window after scoring it (one column)")
-    m.add_argument("--dynamic-lr", type=float, default=1e-3, help=_with_default("dynamic evaluation: SGD learning rate", 1e-3))
-    m.add_argument("--dynamic-decay", type=float, default=0.0,
-                   help=_with_default("dynamic evaluation: pull back towards the trained weights per window", 0.0))
+    m.add_argument("--dynamic-lr", type=float, default=DYNAMIC_LR,
+                   help=_with_default("dynamic evaluation: SGD learning rate (tune it on --split valid)", DYNAMIC_LR))
+    m.add_argument("--dynamic-decay", type=float, default=DYNAMIC_DECAY,
+                   help=_with_default("dynamic evaluation: pull back towards the trained weights per window", DYNAMIC_DECAY))
     m.add_argument("--dynamic-window", type=int, metavar="TOKENS",
                    help="dynamic evaluation: tokens per update (default: the run's --bptt)")
     g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",

@@ -55,3 +55,11 @@ def test_a_model_without_state_is_refused():
 def test_bad_settings_name_the_flag(settings, flag):
     with pytest.raises(ConfigError, match=flag):
         DynamicSettings(**settings)
+
+
+def test_a_learning_rate_that_diverges_is_refused_with_the_flag_and_the_weights_restored(model, repeated_text):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="diverged with --dynamic-lr 1e\\+38.*lower --dynamic-lr"):
+        evaluate_dynamic(model, repeated_text, DynamicSettings(lr=1e38, window=10))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -24,13 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neurallm.config import CACHE_LAMBDA, CACHE_THETA
 from neurallm.data.batching import plan_eval_columns
 from neurallm.errors import ConfigError
 from neurallm.evaluation import EvalResult, eval_mode, run_columns
 from neurallm.models.contract import LanguageModel, OutputHead
-
-DEFAULT_THETA = 0.3
-DEFAULT_LAMBDA = 0.1
 
 
 @dataclass(frozen=True)
@@ -38,8 +36,8 @@ class CachePointerSettings:
     """How the pointer was run (reported in ``--json`` output)."""
 
     size: int
-    theta: float = DEFAULT_THETA
-    lambda_: float = DEFAULT_LAMBDA
+    theta: float = CACHE_THETA
+    lambda_: float = CACHE_LAMBDA
 
     def __post_init__(self) -> None:
         if self.size < 1:

@@ -19,21 +19,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neurallm.config import DYNAMIC_DECAY, DYNAMIC_LR
 from neurallm.data.batching import to_ids_tensor
 from neurallm.errors import ConfigError
 from neurallm.evaluation import EvalResult
 from neurallm.models.contract import LanguageModel
 
-DEFAULT_LR = 1e-3
-DEFAULT_DECAY = 0.0
+FINITE_CHECK_EVERY = 64  # windows between checks that the adapted weights have not diverged (each check syncs)
 
 
 @dataclass(frozen=True)
 class DynamicSettings:
     """How dynamic evaluation was run (reported in ``--json`` output)."""
 
-    lr: float = DEFAULT_LR
-    decay: float = DEFAULT_DECAY
+    lr: float = DYNAMIC_LR
+    decay: float = DYNAMIC_DECAY
     window: int = 35
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ def evaluate_dynamic(model: LanguageModel, ids: np.ndarray, settings: DynamicSet
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = model.init_state(1, device)
     try:
-        for start in range(0, len(ids) - 1, settings.window):
+        for number, start in enumerate(range(0, len(ids) - 1, settings.window)):
             window_ids = to_ids_tensor(np.asarray(ids[start : start + settings.window + 1]), device)[:, None]  # (w+1, 1)
             features, new_state = model.features(window_ids[:-1], state)
             nll = model.head.loss(features, window_ids[1:], reduction="sum")
@@ -76,6 +76,10 @@ def evaluate_dynamic(model: LanguageModel, ids: np.ndarray, settings: DynamicSet
                     if settings.decay:
                         p.add_(p0 - p, alpha=settings.decay)
             state = tuple(t.detach() for t in new_state)
+            if number % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
+                raise _diverged(settings, start + settings.window)
+        if not torch.isfinite(total):
+            raise _diverged(settings, len(ids) - 1)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, trained):
@@ -85,3 +89,8 @@ def evaluate_dynamic(model: LanguageModel, ids: np.ndarray, settings: DynamicSet
     count = len(ids) - 1
     return EvalResult(float(total) / count, count, time.perf_counter() - started, "dynamic", 1, None,
                       settings=settings.to_dict())
+
+
+def _diverged(settings: DynamicSettings, tokens_read: int) -> ConfigError:
+    return ConfigError(f"dynamic evaluation diverged with --dynamic-lr {settings.lr:g} (a non-finite loss within the first "
+                       f"{tokens_read:,} tokens); lower --dynamic-lr (tune it on --split valid)")

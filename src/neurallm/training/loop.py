@@ -48,6 +48,7 @@ from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
+from neurallm.training.footprint import check_model_fits
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
@@ -194,6 +195,7 @@ class Trainer:
         # under torchrun, CUDA means this rank's own GPU (cuda:LOCAL_RANK)
         self.device = ranks.device if ranks.device.type == "cuda" else pick_device(train.device)
         use_fast_cuda_math(self.device)
+        check_model_fits(config.model, train, self.device)  # before the allocator fails with a traceback
         seed_everything(train.seed)
         self.model: LanguageModel = build_model(config.model).to(self.device)
         if ranks.distributed:

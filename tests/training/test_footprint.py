@@ -1,0 +1,69 @@
+"""A model whose parameters cannot fit in memory is refused before any of it is allocated, in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurallm.config import ModelConfig, TrainConfig
+from neurallm.errors import ConfigError
+from neurallm.models import build_model
+from neurallm.training.footprint import check_model_fits, parameter_bound, parameter_count, training_bytes
+
+CPU = torch.device("cpu")
+
+
+def meminfo(tmp_path: Path, available_kib: int) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       99999999 kB\nMemFree:          1000 kB\nMemAvailable:   {available_kib} kB\n")
+    return path
+
+
+@pytest.mark.parametrize("settings", [
+    dict(model="LSTM", nlayers=2),
+    dict(model="GRU", adaptive_softmax=True, cutoffs=(100, 500)),
+    dict(model="RNN_TANH", tied=True, emsize=32, nhid=64),
+    dict(model="AWD_LSTM", nlayers=3, emsize=32, nhid=64, tied=True, wdrop=0.5),
+    dict(model="Transformer", emsize=32, nhid=64, nhead=2, memory=16),
+], ids=lambda s: s["model"])
+def test_the_count_is_the_built_models_own_and_the_cheap_bound_is_above_it(settings):
+    config = ModelConfig(vocab_size=1000, **settings)
+    assert parameter_count(config) == sum(p.numel() for p in build_model(config).parameters())
+    assert parameter_count(config) <= parameter_bound(config)
+
+
+def test_a_model_far_from_the_limit_is_not_built_on_the_meta_device(tmp_path):
+    # initialising meta tensors imports sympy: 73 MB that an ordinary training run should not carry
+    code = ("import sys, torch; from pathlib import Path; from neurallm.config import ModelConfig, TrainConfig; "
+            "from neurallm.training.footprint import check_model_fits; "
+            f"check_model_fits(ModelConfig(vocab_size=13777), TrainConfig(), torch.device('cpu'), Path({str(meminfo(tmp_path, 8 << 20))!r})); "
+            "print('sympy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_state_counted_follows_the_optimizer():
+    # float32 weights and gradients, plus AdamW's two moments or NT-ASGD's running average
+    assert training_bytes(1000, "sgd") == 8000
+    assert training_bytes(1000, "ntasgd") == 12000
+    assert training_bytes(1000, "adamw") == 16000
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_naming_the_flags(tmp_path):
+    config = ModelConfig(vocab_size=1000, emsize=200, nhid=200)  # 1.0M parameters: 8 MB with SGD
+    with pytest.raises(ConfigError, match=r"1,044,200 parameters.*sgd needs 8\.4 MB.*--nhid/--emsize/--nlayers"):
+        check_model_fits(config, TrainConfig(optimizer="sgd"), CPU, meminfo(tmp_path, available_kib=4 * 1024))
+
+
+def test_a_model_that_fits_passes(tmp_path):
+    config = ModelConfig(vocab_size=1000, emsize=200, nhid=200)
+    check_model_fits(config, TrainConfig(optimizer="adamw"), CPU, meminfo(tmp_path, available_kib=32 * 1024))
+
+
+def test_nothing_is_checked_where_free_memory_cannot_be_read(tmp_path):
+    config = ModelConfig(vocab_size=1000, emsize=200, nhid=200)
+    check_model_fits(config, TrainConfig(), CPU, tmp_path / "no-meminfo-here")
