@@ -35,6 +35,15 @@ def test_explicit_settings_override_the_preset():
     assert merged["adaptive_softmax"] is True  # the rest of the bundle stays
 
 
+def test_a_switch_the_preset_turns_on_can_be_turned_off(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=40)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "cpu-fast", "--no-adaptive-softmax", "--data", str(corpus), "--out", str(out),
+                 "--emsize", "16", "--nhid", "16", "--batch-size", "4", "--bptt", "8", "--epochs", "1", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["adaptive_softmax"] is False and saved["train"]["optimizer"] == "adamw"
+
+
 def test_train_help_lists_every_preset(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -78,7 +78,8 @@ def add_setting_flag(group, s: Setting, *, required: bool = False, default_text:
     else:
         help_text = s.help_with_default()
     if s.kind is bool:
-        group.add_argument(*names, dest=s.name, action="store_true", default=None, help=help_text)
+        # --no-FLAG too: a preset's switch (cpu-fast's --adaptive-softmax, awd-wt2's --tied) can be turned off
+        group.add_argument(*names, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:
         # the placeholder follows the flag, not the field: `--context N`'s value is named CONTEXT, not EVAL_CONTEXT
         metavar = s.metavar or (None if s.choices else s.flag.lstrip("-").replace("-", "_").upper())
