@@ -3,9 +3,9 @@
 Why: a model too large for the machine otherwise fails inside PyTorch's allocator with a traceback, or, when each
 tensor fits but all of them do not, is killed by the kernel's out-of-memory killer mid-run with nothing said. The
 parameter count comes from building the model on the ``meta`` device (shapes only, no memory), so it is exact for
-every architecture without a formula per model. Initialising meta tensors imports sympy (73 MB of resident memory,
-more than the example's whole training run saves), so a generous upper bound is tried first and only a model
-that might not fit is counted exactly.
+every architecture without a formula per model. Initialising meta tensors imports sympy (73 MB of resident memory
+that a training run otherwise never needs), so a generous upper bound is tried first and only a model that might
+not fit is counted exactly.
 """
 
 from __future__ import annotations

@@ -48,11 +48,11 @@ from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model
-from neurallm.training.footprint import check_model_fits
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
 from neurallm.training import checkpoint as ckpt
+from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
 from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
