@@ -32,7 +32,7 @@ from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evalu
 from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
 from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
 from neurallm.generation import GenerationResult, generate
-from neurallm.models import build_model
+from neurallm.models import build_model, count_parameters
 from neurallm.runtime import pick_device
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
@@ -117,7 +117,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
                     ckpt.write_run_files(out, config, prepared.vocab)
 
             ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
-            logger.info(f"{config.model.model}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+            logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
                         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
                         + _processes_note(ranks))
             return trainer.run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from neurallm.config import ModelConfig
 from neurallm.models.awd import AWDLSTMLanguageModel
 from neurallm.models.contract import LanguageModel
@@ -18,3 +20,8 @@ def build_model(config: ModelConfig) -> LanguageModel:
     if config.model == "AWD_LSTM":
         return AWDLSTMLanguageModel(config)
     return RNNLanguageModel(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (elements, shared ones once, as ``parameters()`` yields them)."""
+    return sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@ import logging
 
 from neurallm.api import Run
 from neurallm.config import ServeConfig
+from neurallm.models import count_parameters
 from neurallm.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def model_facts(run: Run, settings: ServeConfig) -> dict:
     return {
         "run": run.folder.resolve().name,
         "model": model.model,
-        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "parameters": count_parameters(run.model),
         "layers": model.nlayers,
         "emsize": model.emsize,
         "nhid": model.nhid,

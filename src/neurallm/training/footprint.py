@@ -17,6 +17,7 @@ import torch
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.errors import ConfigError
 from neurallm.fileio import format_size
+from neurallm.models import build_model, count_parameters
 
 MEMINFO = Path("/proc/meminfo")
 # float32 copies of the parameters that training holds: the weights and their gradients, plus the optimizer's own
@@ -25,10 +26,8 @@ OPTIMIZER_COPIES = {"adamw": 2, "sgd": 0, "ntasgd": 1}  # AdamW: two moments; NT
 
 def parameter_count(config: ModelConfig) -> int:
     """Exact number of parameters of the model ``config`` describes, without allocating them."""
-    from neurallm.models import build_model
-
     with torch.device("meta"):
-        return sum(p.numel() for p in build_model(config).parameters())
+        return count_parameters(build_model(config))
 
 
 def parameter_bound(config: ModelConfig) -> int:

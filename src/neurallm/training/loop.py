@@ -47,7 +47,7 @@ from neurallm.data.variable_bptt import VariableWindows
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import TrainingError
 from neurallm.evaluation import EvalResult, evaluate, with_text_units
-from neurallm.models import build_model
+from neurallm.models import build_model, count_parameters
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
@@ -226,7 +226,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
-        self.flops_per_token = model_flops_per_token(config.model, train.bptt, sum(p.numel() for p in self.model.parameters()))
+        self.flops_per_token = model_flops_per_token(config.model, train.bptt, count_parameters(self.model))
         self.peak_flops = bf16_peak_flops(self.device)
         self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches), nonmono=train.nonmono)
         self.average = ParameterAverage(self.model)  # NT-ASGD's averaged weights (inactive otherwise)
