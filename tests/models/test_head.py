@@ -52,15 +52,26 @@ def test_bfloat16_products_give_the_float32_loss_and_gradients_to_bfloat16_preci
 def test_without_gradients_only_the_value_is_computed(monkeypatch):
     """Under no_grad (evaluation) each slice costs one matrix multiply, the logits; none for gradients, although
     the weight and bias still require grad."""
-    monkeypatch.setattr(chunked_softmax, "CHUNK", 8)
+    monkeypatch.setattr(chunked_softmax, "NO_GRAD_CHUNK", 8)
     features, weight, bias, targets = _inputs(20)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
         value = linear_cross_entropy(features, weight, bias, targets, "sum")
     calls = {event.key: event.count for event in profiled.key_averages()}
-    assert calls.get("aten::addmm") == 3  # slices of 8, 8 and 4 positions
-    assert "aten::mm" not in calls and "aten::addmm_" not in calls
+    assert calls.get("aten::mm") == 3  # slices of 8, 8 and 4 positions
+    assert "aten::addmm" not in calls and "aten::addmm_" not in calls
     assert value.grad_fn is None
     assert value.item() == pytest.approx(F.cross_entropy(features @ weight.T + bias, targets, reduction="sum").item(), rel=1e-5)
+
+
+def test_a_target_far_below_the_best_logit_costs_its_true_loss_not_infinity():
+    """A probability that underflows float32 (here e^-200) must still give its loss, 200 nats, not inf."""
+    features = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[100.0], [-100.0]], requires_grad=True)
+    bias = torch.zeros(2, requires_grad=True)
+    loss = linear_cross_entropy(features, weight, bias, torch.tensor([1]))
+    assert loss.item() == pytest.approx(200.0, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.item() == pytest.approx(200.0, rel=1e-6)  # p·W − W[target]
 
 
 def test_a_tied_weight_gets_the_gradient_of_both_its_uses():

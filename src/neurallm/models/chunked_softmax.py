@@ -6,11 +6,20 @@ logits, the log-softmax, the gradient of the NLL, the gradient of the log-softma
 float32 buffer (39 MB for the PyTorch example's default LSTM on wt2-lite, V = 13.8k) written and read again
 from main memory, and the peak memory holds several of them at once.
 
-Here each slice of ``CHUNK`` positions is taken through logits → log-sum-exp → loss → softmax − one-hot → both
-gradient products while its ``CHUNK × V`` logits are still in cache, and the buffer is reused in place. The
-gradients with respect to the features, the weight and the bias are therefore computed in the forward pass
-and kept until ``backward`` scales them by the incoming gradient. The arithmetic is float32, and the result is
-the same as ``F.cross_entropy(F.linear(x, W, b), t)`` to float rounding (tests/models/test_head.py).
+Here each slice of ``CHUNK`` positions is taken through logits → log-softmax → loss → softmax − one-hot → both
+gradient products in one ``CHUNK × V`` buffer that is reused in place, with as few passes over it as PyTorch's
+kernels allow (measured in benchmarks/output_layer_floor.py):
+
+* the bias rides in the matrix product, as one more column of the weight against a column of ones in the
+  features: ``addmm`` would first copy the broadcast bias into the buffer, a whole pass of its own;
+* the log-softmax is PyTorch's fused kernel, written over its own input (it reads a row before writing it):
+  one pass where max, subtract, exp and sum were four;
+* the loss's ``1/N`` is the products' ``alpha``, so ``backward`` multiplies nothing when the incoming gradient
+  is 1 (the usual case).
+
+The gradients with respect to the features, the weight and the bias are therefore computed in the forward pass
+and kept until ``backward``. The arithmetic is float32, and the result is the same as
+``F.cross_entropy(F.linear(x, W, b), t)`` to float rounding (tests/models/test_head.py).
 """
 
 from __future__ import annotations
@@ -18,68 +27,77 @@ from __future__ import annotations
 import torch
 
 CHUNK = 256  # positions per slice: 256 × 13.8k logits = 14 MB, reused for every slice
+# Without gradients (evaluation) a slice costs only its logits, and bigger slices read the weight fewer times:
+# 46 µs per position at 512 against 58 at 256 (V = 13.8k, benchmarks/output_layer_floor.py)
+NO_GRAD_CHUNK = 512
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight, bias, targets, mean: bool, grad_enabled: bool, matmul_dtype: torch.dtype):  # noqa: D102 - see the module docstring
-        n = features.size(0)
+        n, device = features.size(0), features.device
         # needs_input_grad only says which inputs require grad; under no_grad (evaluation) none is wanted
         wants_grad = tuple(needed and grad_enabled for needed in ctx.needs_input_grad[:3])
         grad_features = torch.empty_like(features) if wants_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if wants_grad[1] else None
+        grad_weight = torch.empty_like(weight) if wants_grad[1] else None
         grad_bias = torch.zeros_like(bias) if wants_grad[2] else None
-        total = torch.zeros((), dtype=torch.float32, device=features.device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
         scale = 1.0 / n if mean else 1.0
         low_precision = matmul_dtype != torch.float32
-        # bfloat16 products (float32 accumulation) run on the CPU's AMX/AVX-512 BF16 units at 2-3x the float32 speed
-        weight_mm = weight.to(matmul_dtype)
-        features_mm = features.to(matmul_dtype)
-        logits = None
-        for start in range(0, n, CHUNK):
-            x, t = features_mm[start : start + CHUNK], targets[start : start + CHUNK]
+        if low_precision:
+            # bfloat16 products (float32 accumulation) run on the CPU's AMX/AVX-512 BF16 units at 2-3x the float32
+            # speed; the bias is added in float32 (in bfloat16 it would lose all but 3 digits)
+            weight_mm, features_mm = weight.to(matmul_dtype), features.to(matmul_dtype)
+        else:
+            weight_mm = torch.cat((weight, bias[:, None]), dim=1)  # (V, D + 1)
+            features_mm = torch.cat((features, features.new_ones(n, 1)), dim=1)  # (N, D + 1)
+        buffer = None
+        chunk = CHUNK if any(wants_grad) else NO_GRAD_CHUNK
+        for start in range(0, n, chunk):
+            x, t = features_mm[start : start + chunk], targets[start : start + chunk]
             rows = x.size(0)
             # one buffer reused for every slice (the last, shorter slice writes into its first rows)
-            logits = torch.empty(rows, weight.size(0), dtype=torch.float32, device=features.device) if logits is None else logits[:rows]
+            buffer = torch.empty(rows, weight.size(0), dtype=torch.float32, device=device) if buffer is None else buffer[:rows]
             if low_precision:
-                torch.add(torch.mm(x, weight_mm.t()), bias, out=logits)
+                torch.add(torch.mm(x, weight_mm.t()), bias, out=buffer)
             else:
-                torch.addmm(bias, x, weight_mm.t(), out=logits)
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            # log-sum-exp in place: exp(z - max) is kept, so the softmax below is one division, not a second exp
-            row_max = logits.amax(dim=1, keepdim=True)
-            logits.sub_(row_max).exp_()
-            row_sum = logits.sum(dim=1, keepdim=True)
-            total += (row_max + row_sum.log()).sum() - target_logit.sum()
+                torch.mm(x, weight_mm.t(), out=buffer)
+            torch.log_softmax(buffer, dim=1, out=buffer)
+            total -= buffer.gather(1, t[:, None]).sum()
             if not any(wants_grad):
                 continue
-            # d loss / d logits = softmax − one-hot (the mean's 1/n is applied in backward, to the much smaller
-            # gradients, instead of in another pass over the logits)
-            logits.div_(row_sum)
-            logits[torch.arange(rows, device=logits.device), t] -= 1.0
+            # d loss / d logits = softmax − one-hot, times the reduction's scale (applied in the products)
+            buffer.exp_()
+            buffer[torch.arange(rows, device=device), t] -= 1.0
             if grad_bias is not None:
-                grad_bias += logits.sum(0)
-            grad_logits = logits.to(matmul_dtype)
+                grad_bias.add_(buffer.sum(0), alpha=scale)
+            grad_logits = buffer.to(matmul_dtype)
             if grad_features is not None:
+                into = grad_features[start : start + rows]
                 if low_precision:
-                    grad_features[start : start + rows] = torch.mm(grad_logits, weight_mm)
+                    torch.mul(torch.mm(grad_logits, weight_mm), scale, out=into)
                 else:
-                    torch.mm(grad_logits, weight_mm, out=grad_features[start : start + rows])
+                    torch.addmm(into, grad_logits, weight, beta=0, alpha=scale, out=into)
             if grad_weight is not None:
+                x = features_mm[start : start + rows, : weight.size(1)]
                 if low_precision:
-                    grad_weight += torch.mm(grad_logits.t(), x)
+                    product = torch.mm(grad_logits.t(), x)
+                    grad_weight.copy_(product).mul_(scale) if start == 0 else grad_weight.add_(product, alpha=scale)
                 else:
-                    grad_weight.addmm_(grad_logits.t(), x)
+                    # the first slice writes the gradient (beta 0: the empty buffer's contents are ignored)
+                    grad_weight.addmm_(grad_logits.t(), x, beta=0.0 if start == 0 else 1.0, alpha=scale)
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
-        ctx.scale = scale
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         grads = ctx.saved_tensors
-        # each saved gradient is used once, so it can be scaled in place
-        factor = grad_output * ctx.scale
-        return (*(g.mul_(factor) if g is not None else None for g in grads), None, None, None, None)
+        # the incoming gradient is almost always exactly 1 (the loss is what backward starts from): then the
+        # saved gradients are the answer as they are; otherwise each is used once, so it is scaled in place.
+        # This head runs on the CPU only, where reading the value costs nothing.
+        if grad_output.item() != 1.0:
+            grads = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(

@@ -11,6 +11,7 @@ from torch import nn
 
 from neurallm.config import ModelConfig
 from neurallm.models.contract import EvalLayout, GenerationCache, LanguageModel, State
+from neurallm.models.dropouts import Dropout
 from neurallm.models.head import build_head
 
 # History every scored token gets in exact evaluation. An LSTM's state forgets within a few hundred tokens,
@@ -49,7 +50,7 @@ class RNNLanguageModel(RecurrentLanguageModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.encoder = nn.Embedding(config.vocab_size, config.emsize)
         rnn_dropout = config.dropout if config.nlayers > 1 else 0.0
         if config.model in ("LSTM", "GRU"):
