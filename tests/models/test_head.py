@@ -52,7 +52,7 @@ def test_bfloat16_products_give_the_float32_loss_and_gradients_to_bfloat16_preci
 def test_without_gradients_only_the_value_is_computed(monkeypatch):
     """Under no_grad (evaluation) each slice costs one matrix multiply, the logits; none for gradients, although
     the weight and bias still require grad."""
-    monkeypatch.setattr(chunked_softmax, "NO_GRAD_CHUNK", 8)
+    monkeypatch.setattr(chunked_softmax, "CHUNK", 8)
     features, weight, bias, targets = _inputs(20)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
         value = linear_cross_entropy(features, weight, bias, targets, "sum")

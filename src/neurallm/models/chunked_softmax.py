@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 256  # positions per slice: 256 × 13.8k logits = 14 MB, reused for every slice
-# Without gradients (evaluation) a slice costs only its logits, and bigger slices read the weight fewer times:
-# 46 µs per position at 512 against 58 at 256 (V = 13.8k, benchmarks/output_layer_floor.py)
-NO_GRAD_CHUNK = 512
+# positions per slice: 256 × 13.8k logits = 14 MB, reused for every slice. Evaluation uses the same size although
+# bigger slices read the weight fewer times (46 µs per position at 512 against 58 at 256, V = 13.8k): a bigger
+# buffer than training's does not fit in the memory training freed: 512 raised the peak RSS after validation
+# from 415 to 438 MB (neurallm train on wt2-lite).
+CHUNK = 256
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -52,9 +53,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             weight_mm = torch.cat((weight, bias[:, None]), dim=1)  # (V, D + 1)
             features_mm = torch.cat((features, features.new_ones(n, 1)), dim=1)  # (N, D + 1)
         buffer = None
-        chunk = CHUNK if any(wants_grad) else NO_GRAD_CHUNK
-        for start in range(0, n, chunk):
-            x, t = features_mm[start : start + chunk], targets[start : start + chunk]
+        for start in range(0, n, CHUNK):
+            x, t = features_mm[start : start + CHUNK], targets[start : start + CHUNK]
             rows = x.size(0)
             # one buffer reused for every slice (the last, shorter slice writes into its first rows)
             buffer = torch.empty(rows, weight.size(0), dtype=torch.float32, device=device) if buffer is None else buffer[:rows]

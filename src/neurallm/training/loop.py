@@ -235,6 +235,7 @@ class Trainer:
         self.elapsed = 0.0  # seconds of training over all resumes
         self.faults = 0
         self.best_valid_loss = math.inf  # of the weights in model.safetensors
+        self.model_is_best = False  # the model holds exactly the weights in model.safetensors
         self.metrics: list[dict] = []
         # train loss of the current epoch so far: saved mid-epoch so a resumed epoch reports the whole epoch's mean
         self.tracker = LossTracker(self.device)
@@ -297,6 +298,7 @@ class Trainer:
         path = self.run_dir / ckpt.LAST_FILE
         tensors, state = ckpt.load_last(path)
         ckpt.load_model_tensors(self.model, tensors, path)
+        self.model_is_best = False
         with ckpt.reading_training_state(path):
             self._apply_training_state(state, full=full)
 
@@ -342,12 +344,14 @@ class Trainer:
         if self.ranks.is_main:
             with self.average.applied():  # NT-ASGD: the averaged weights are the model
                 ckpt.save_weights(self.run_dir / ckpt.BEST_FILE, self.model, {"epoch": self.epoch, "valid_loss": valid_loss})
+        self.model_is_best = not self.average.active  # averaged weights were saved, not the model's own
 
     # --- training ----------------------------------------------------------------------------------------
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutcome:
         """One optimisation step on a window, starting from the carried state or a cold one."""
         state = self.state if self.carry else self.model.init_state(inputs.size(1), self.device)
+        self.model_is_best = False
         # variable-length BPTT: a window's share of the learning rate is its share of the mean length
         self.schedule.apply(self.optimizer, inputs.size(0) / self.config.train.bptt if self.config.train.variable_bptt else 1.0)
         # under DDP the ranks must all take the update or all skip it: the fault check decides that together
@@ -475,6 +479,7 @@ class Trainer:
         Also runs after a --max-time stop in the middle of an epoch (recorded as incomplete)."""
         self._check_faults()
         train = self.config.train
+        self.optimizer.zero_grad(set_to_none=True)  # the next step makes its own; validation reuses their memory
         with self.average.applied():  # NT-ASGD validates (and keeps as best) the averaged weights
             valid = self.evaluate_split("valid")
         epoch_done = self.window >= len(self.batches)
@@ -528,8 +533,12 @@ class Trainer:
 
     def _finish(self, stopped_by: str) -> TrainResult:
         best_path = self.run_dir / ckpt.BEST_FILE
-        tensors, metadata = ckpt.read_safetensors(best_path)
-        ckpt.load_model_tensors(self.model, tensors, best_path)
+        # the last step's gradients are not needed for the test: freed, the evaluation's buffers reuse their memory
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.model_is_best:  # reading the file holds a second copy of the weights for a moment (+24 MB here)
+            tensors, _ = ckpt.read_safetensors(best_path)
+            ckpt.load_model_tensors(self.model, tensors, best_path)
+            del tensors
         test = self.evaluate_split("test")
         results = {"test": test.to_dict(self.config.tokenizer.level), "stopped_by": stopped_by,
                    "epochs_completed": self.epoch, "best_valid_loss": self.best_valid_loss}
