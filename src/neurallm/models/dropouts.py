@@ -18,7 +18,7 @@ class Dropout(nn.Module):
     """Zero each element with probability ``p`` in training, scaling the rest by ``1 / (1 - p)``; ``nn.Dropout``.
 
     Why not ``nn.Dropout`` itself: on the CPU its mask comes from ``bernoulli_``, which draws one number at a time
-    (measured here: 2.1 ms for the 140k features of one window of the PyTorch example's LSTM, 3 masks per training
+    (measured here: 2.1 ms for the 140k features of one window of the PyTorch example's LSTM, 2 masks per training
     step), while ``torch.rand`` fills a buffer in vectorised blocks (0.6 ms). A unit kept when its uniform draw is
     at least ``p`` has the same distribution. Accelerators keep ``F.dropout``'s fused kernel.
     """
