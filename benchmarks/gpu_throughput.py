@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from neurallm.config import ModelConfig, TrainConfig
-from neurallm.models import build_model
+from neurallm.models import build_model, count_parameters
 from neurallm.runtime import pick_device, use_fast_cuda_math
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
@@ -85,7 +85,7 @@ def measure(shape: Shape, device: torch.device, *, amp: bool, compile_model: boo
         if i >= warmup:
             seconds.append(time.perf_counter() - started)
     tokens_per_s = shape.batch_size * shape.bptt / statistics.median(seconds)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     utilisation = mfu(tokens_per_s, model_flops_per_token(shape.model, shape.bptt, n_params), bf16_peak_flops(device))
     return {"model": shape.name, "compile": compile_model, "tokens_per_s": tokens_per_s, "mfu": utilisation,
             "params": n_params}

@@ -79,13 +79,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.addmm(into, grad_logits, weight, beta=0, alpha=scale, out=into)
             if grad_weight is not None:
-                x = features_mm[start : start + rows, : weight.size(1)]
-                if low_precision:
-                    product = torch.mm(grad_logits.t(), x)
-                    grad_weight.copy_(product).mul_(scale) if start == 0 else grad_weight.add_(product, alpha=scale)
+                # the first slice writes the gradient over the empty buffer's contents, the others add to it
+                without_ones = features_mm[start : start + rows, : weight.size(1)]  # the bias column's ones dropped
+                if not low_precision:
+                    grad_weight.addmm_(grad_logits.t(), without_ones, beta=0.0 if start == 0 else 1.0, alpha=scale)
+                elif start == 0:
+                    torch.mul(torch.mm(grad_logits.t(), without_ones), scale, out=grad_weight)
                 else:
-                    # the first slice writes the gradient (beta 0: the empty buffer's contents are ignored)
-                    grad_weight.addmm_(grad_logits.t(), x, beta=0.0 if start == 0 else 1.0, alpha=scale)
+                    grad_weight.add_(torch.mm(grad_logits.t(), without_ones), alpha=scale)
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
         return total * scale
 
