@@ -202,26 +202,29 @@ def test_any_json_object_gets_an_answer_never_a_500(client, body):
 
 
 def _blocked_app(run, **limits):
-    """An app whose model worker is held by a call that waits for the returned event."""
+    """An app whose model worker is held by a call that waits for the returned event, and an event set once that
+    call has finished and given its queue slot back."""
     app = create_app(run, ServeConfig(max_tokens=MAX_TOKENS, **limits))
-    release = threading.Event()
-    app.state.worker.submit(release.wait, 10)
-    return app, release
+    release, drained = threading.Event(), threading.Event()
+    blocker = app.state.worker.submit(release.wait, 10)
+    blocker.add_done_callback(lambda _: drained.set())  # runs after the worker's own callback, which frees the slot
+    return app, release, drained
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_serves_again_when_it_drains(run):
-    app, release = _blocked_app(run, max_queue=1)
+    app, release, drained = _blocked_app(run, max_queue=1)
     with TestClient(app) as client:
         for path, body in [("/api/generate", {"tokens": 3}), ("/api/generate/stream", {"tokens": 3}), ("/api/score", {"text": "a"})]:
             busy = client.post(path, json=body)
             assert busy.status_code == 503, path
             assert int(busy.headers["retry-after"]) >= 1 and "busy" in busy.json()["error"]
         release.set()
+        assert drained.wait(10)
         assert client.post("/api/generate", json={"tokens": 3}).status_code == 200
 
 
 def test_a_request_that_waits_past_the_timeout_gets_504(run):
-    app, release = _blocked_app(run, max_queue=4, timeout=0.2)
+    app, release, _ = _blocked_app(run, max_queue=4, timeout=0.2)
     try:
         with TestClient(app) as client:
             response = client.post("/api/generate", json={"tokens": 3})

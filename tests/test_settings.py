@@ -108,15 +108,17 @@ def _config() -> RunConfig:
 
 
 def test_resume_may_change_exactly_the_settings_declared_resumable():
-    assert {s.name for s in settings_of(*TRAIN_SETTINGS) if s.resumable} == {"epochs", "max_time"}
-    resumed = _config().resumed_with({"epochs": 60, "max_time": 30.0, "lr": 20.0, "split_ratios": [0.9, 0.05, 0.05]})
-    assert (resumed.train.epochs, resumed.train.max_time) == (60, 30.0)
+    # where and how the same arithmetic runs may change too: a run trained on a GPU goes on on a CPU
+    assert {s.name for s in settings_of(*TRAIN_SETTINGS) if s.resumable} == {"epochs", "max_time", "device", "compile"}
+    resumed = _config().resumed_with({"epochs": 60, "max_time": 30.0, "device": "cpu", "compile": True, "lr": 20.0,
+                                      "split_ratios": [0.9, 0.05, 0.05]})
+    assert (resumed.train.epochs, resumed.train.max_time, resumed.train.device, resumed.train.compile) == (60, 30.0, "cpu", True)
 
 
 @pytest.mark.parametrize("given, flag", [({"lr": 5.0}, "--lr 5.0"), ({"eval_context": 3}, "--context 3"),
                                          ({"level": "char"}, "--level char"), ({"max_vocab": 5}, "--max-vocab 5")])
 def test_resume_refuses_any_other_change_naming_the_flag_and_what_may_change(given, flag):
-    with pytest.raises(ConfigError, match=f"{flag} differs from the run's .*only --epochs and --max-time may change"):
+    with pytest.raises(ConfigError, match=f"{flag} differs from the run's .*only --epochs, --max-time, --device and --compile may change"):
         _config().resumed_with(given)
 
 

@@ -138,7 +138,7 @@ def _processes_note(ranks: Ranks) -> str:
 
 def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
     config = ckpt.read_run_config(out)  # a run, before a lock file is put in it
-    ranks, _ = ranks_from_environment(pick_device(config.train.device))
+    ranks, _ = ranks_from_environment(pick_device(config.resumed_with(settings).train.device))  # --device may change
     trainer = None
     try:
         with ExitStack() as held:

@@ -164,7 +164,7 @@ class TrainConfig:
     warmup: int = setting(100, help="AdamW warm-up steps")
     max_time: float | None = setting(None, help="stop after this many seconds of training, counted across resumes; the best model is kept",
                                      resumable=True)
-    device: str = setting("auto", help="where to train", choices=DEVICES)
+    device: str = setting("auto", help="where to train", choices=DEVICES, resumable=True)
     shuffle_windows: bool = setting(False, help="fixed windows in random order, state reset per window (the news tutorial)")
     eval_batch_size: int = setting(EVAL_BATCH_SIZE, help="columns used for validation (does not change the result)")
     eval_context: int | None = setting(None, help=CONTEXT_HELP + " (in validation)", flag="--context",
@@ -175,7 +175,7 @@ class TrainConfig:
     amp: str = setting("none", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
                        "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
                        choices=AMP_MODES)
-    compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)")
+    compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)", resumable=True)
 
     def __post_init__(self) -> None:
         _require(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
@@ -255,8 +255,9 @@ class RunConfig:
     def resumed_with(self, given: dict) -> "RunConfig":
         """This configuration with the settings ``given`` to ``--resume`` applied.
 
-        Settings declared ``resumable`` (``--epochs``, ``--max-time``) take the new value; any other must equal
-        the saved one, since a resumed run continues with its own settings.
+        Settings declared ``resumable`` (``--epochs``, ``--max-time``, and ``--device`` and ``--compile``, which
+        change where and how the same arithmetic runs) take the new value; any other must equal the saved one,
+        since a resumed run continues with its own settings.
 
         Raises:
             ConfigError: a setting that differs from the run's and may not change (naming its flag), or an
@@ -279,7 +280,7 @@ class RunConfig:
                 if value != saved:
                     raise ConfigError(
                         f"{s.flag} {value} differs from the run's {saved}; --resume continues a run with its own "
-                        f"settings (only {' and '.join(resumable)} may change): drop the flag or start a new --out"
+                        f"settings (only {', '.join(resumable[:-1])} and {resumable[-1]} may change): drop the flag or start a new --out"
                     )
         if left:
             raise ConfigError(f"unknown setting(s) {', '.join(sorted(left))}")

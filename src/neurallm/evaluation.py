@@ -41,6 +41,7 @@ from neurallm.config import EVAL_BATCH_SIZE
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
+from neurallm.runtime import cuda_matmul_precision
 
 HEAD_CHUNK = 4096  # positions per output-layer call
 
@@ -147,11 +148,12 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off (and no gradients) while evaluating; the caller's mode is restored afterwards."""
+    """Dropout off, no gradients and full float32 products (no TF32 on a GPU) while evaluating; the caller's mode
+    and settings are restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cuda_matmul_precision(_device_of(model), tf32=False):
             yield
     finally:
         model.train(was_training)

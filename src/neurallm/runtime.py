@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from neurallm.errors import ConfigError
@@ -34,15 +36,28 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def use_fast_cuda_math(device: torch.device) -> None:
-    """On CUDA: TF32 tensor cores for float32 matrix multiplies and cuDNN convolutions/RNNs (10-bit mantissa
-    products, float32 accumulation: the setting every large-model trainer uses), and cuDNN for RNNs. Nothing
-    changes on other devices."""
+@contextmanager
+def cuda_matmul_precision(device: torch.device, *, tf32: bool) -> Iterator[None]:
+    """Float32 products on CUDA for the duration: TF32 tensor cores (``tf32``: training, the setting every
+    large-model trainer uses: 10-bit mantissa products, float32 accumulation) or full float32 (evaluation, whose
+    perplexity must not depend on the GPU's precision mode; cuDNN's RNNs otherwise use TF32 by default).
+
+    The caller's settings come back afterwards: the library changes no process-wide setting for good. Nothing
+    changes on other devices.
+    """
     if device.type != "cuda":
+        yield
         return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.enabled = True  # nn.LSTM/GRU/RNN run cuDNN's fused kernels
+    import torch
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def seed_everything(seed: int) -> None:

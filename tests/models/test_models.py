@@ -162,3 +162,30 @@ def test_memory_is_detached_at_the_window_edge_in_training():
     features, _ = model.features(torch.randint(0, 30, (6, 2)), memory)
     with pytest.raises(RuntimeError):
         features.sum().backward()  # memory not detached would reach back into the freed graph
+
+
+@pytest.mark.parametrize("memory", [0, 4])
+def test_a_transformer_prepared_for_compile_takes_its_rotary_table_as_an_input(memory):
+    """Inductor would compute the table's sines and cosines again inside every kernel that rotates (20% of a
+    GPT-2-small step on an H100): after prepare_for_compile no compiled graph computes them, and the loss is the
+    one the eager model gives."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="Transformer", vocab_size=50, emsize=16, nhid=32, nlayers=2, nhead=2,
+                                    memory=memory, dropout=0.0))
+    ids = torch.randint(0, 50, (9, 3))
+    state = model.init_state(3)
+    eager = [model(ids[:-1], state, ids[1:])]
+    eager.append(model(ids[:-1], eager[0].state, ids[1:]))
+    model.prepare_for_compile()
+    compiled = torch.compile(model, backend=record)
+    first = compiled(ids[:-1], state, ids[1:])
+    second = compiled(ids[:-1], first.state, ids[1:])
+    assert [first.loss.item(), second.loss.item()] == pytest.approx([e.loss.item() for e in eager], rel=1e-6)
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes}
+    assert graphs and not any("cos" in t or "sin" in t for t in targets)

@@ -17,7 +17,7 @@ import neurallm
 from neurallm.config import ModelConfig
 from neurallm.data.batching import ShuffledWindows
 from neurallm.distributed import Ranks
-from neurallm.errors import TrainingError
+from neurallm.errors import ConfigError, TrainingError
 from neurallm.evaluation import evaluate
 from neurallm.models import build_model
 from neurallm.training import checkpoint as ckpt
@@ -176,8 +176,9 @@ def test_checkpoints_of_a_compiled_or_ddp_wrapped_model_have_plain_names_and_loa
     ckpt.load_model_tensors(build_model(ModelConfig(vocab_size=20, emsize=8, nhid=8, nlayers=1)), prefixed, tmp_path / "p")
 
 
-def test_a_run_with_cuda_random_states_in_its_checkpoint_resumes_and_evaluates_on_a_cpu(trained_run, tmp_path):
-    """What a CUDA-trained run carries besides CPU tensors is RNG state of the GPUs; a CPU machine ignores it."""
+def test_a_run_trained_with_device_cuda_resumes_and_evaluates_on_a_cpu(trained_run, tmp_path):
+    """What a CUDA-trained run holds that a CPU run does not: `"device": "cuda"` in its config and the GPUs' RNG
+    states in its checkpoint. A CPU machine ignores the states, and `--resume --device cpu` moves the run."""
     import shutil
 
     from safetensors.torch import save_file
@@ -187,12 +188,19 @@ def test_a_run_with_cuda_random_states_in_its_checkpoint_resumes_and_evaluates_o
     tensors, metadata = ckpt.read_safetensors(run / "last.safetensors")
     tensors["rng.cuda.0"] = torch.zeros(16, dtype=torch.uint8)  # as torch.cuda.get_rng_state() would add
     save_file(tensors, str(run / "last.safetensors"), metadata=metadata)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["device"] = "cuda"
+    (run / "config.json").write_text(json.dumps(config))
     loaded = neurallm.load_run(run, checkpoint="last", device="cpu")
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())
     assert loaded.evaluate(split="test").tokens > 0
     assert loaded.generate("the", tokens=5, seed=1).generated_tokens
-    result = neurallm.train(None, run, resume=True, epochs=3, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU"):
+            neurallm.train(None, run, resume=True, epochs=3, progress=False)
+    result = neurallm.train(None, run, resume=True, epochs=3, device="cpu", progress=False)
     assert result.epochs_completed == 3
+    assert json.loads((run / "config.json").read_text())["train"]["device"] == "cpu"
 
 
 def test_amp_bf16_trains_on_the_cpu_with_float32_losses(tmp_path):
@@ -212,6 +220,23 @@ def test_training_step_under_autocast_keeps_the_loss_in_float32():
     ids = torch.randint(0, 30, (9, 2))
     outcome = training_step(model, optimizer, ids[:-1], ids[1:], model.init_state(2), clip=0.25, amp_dtype=torch.bfloat16)
     assert outcome.nll.dtype == torch.float32 and bool(outcome.finite)
+
+
+def test_a_memory_transformer_trains_under_autocast_once_it_carries_memory():
+    """The second window attends to the first's memory through a lower-right causal mask, which autocast does
+    not cast for: queries, keys and values must reach it in one dtype."""
+    from neurallm.training.step import training_step
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="Transformer", vocab_size=30, emsize=16, nhid=32, nlayers=2, nhead=2, memory=4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 30, (17, 2))
+    state = model.init_state(2)
+    for window in (ids[:9], ids[8:]):
+        outcome = training_step(model, optimizer, window[:-1], window[1:], state, clip=0.25, amp_dtype=torch.bfloat16)
+        state = outcome.state
+        assert bool(outcome.finite)
+    assert state[0].shape == (2, 4, 16)
 
 
 def test_mfu_uses_the_devices_own_peak_and_says_unknown_otherwise():

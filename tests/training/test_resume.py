@@ -199,7 +199,7 @@ def finished_run(corpus, tmp_path_factory) -> Path:
 ], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
 def test_resume_with_a_changed_setting_is_an_error_naming_the_flag(finished_run, change, flag):
     before = (finished_run / "last.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match="only --epochs and --max-time may change") as error:
+    with pytest.raises(ConfigError, match="only --epochs, --max-time, --device and --compile may change") as error:
         neurallm.train(None, finished_run, resume=True, **change)
     assert flag in str(error.value)
     assert (finished_run / "last.safetensors").read_bytes() == before

@@ -122,6 +122,11 @@ class LanguageModel(nn.Module, ABC):
         nll = self.head.loss(features, targets)
         return StepOutput(loss=nll, nll=nll, state=new_state)
 
+    def prepare_for_compile(self) -> None:
+        """Called once before ``torch.compile`` sees the model (or a wrapper of it), for work that the compiled
+        graph should take as an input rather than recompute. The result never depends on it: a model compiled
+        without this call computes the same values, only more slowly."""
+
     @abstractmethod
     def eval_layout(self, bptt: int) -> EvalLayout:
         """How exact evaluation runs this model when it was trained with windows of ``bptt`` tokens."""

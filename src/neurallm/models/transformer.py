@@ -51,7 +51,9 @@ def rotate(x: torch.Tensor, table: Rotary) -> torch.Tensor:
     cos, sin = table
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    # in the table's precision, returned in x's: under bfloat16 autocast queries, keys and values then share a
+    # dtype, as attention with a lower-right causal mask requires (autocast does not cast for that path)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -160,6 +162,7 @@ class TransformerLanguageModel(LanguageModel):
         self.head = build_head(config, config.emsize, self.encoder.weight if config.tied else None)
         if isinstance(self.head, SoftmaxHead) and not config.tied:
             nn.init.normal_(self.head.weight, std=0.02)
+        self._rotary_cache: Rotary | None = None  # see _rotary_input
 
     @property
     def carries_state(self) -> bool:
@@ -174,13 +177,34 @@ class TransformerLanguageModel(LanguageModel):
         """Features ``(T, B, emsize)`` for ids ``(T, B)``; the state is each layer's memory (see the module docstring)."""
         x = self.drop(self.encoder(ids.t()))  # (B, T, C)
         m = state[0].size(1)
-        table = rotary(torch.arange(m + x.size(1), device=x.device), self.config.emsize // self.config.nhead, x.dtype)
+        if torch.compiler.is_compiling():
+            table = self._rotary_input(m + x.size(1), x.device, x.dtype)
+        else:  # computed from the traced sizes, so that an exported graph takes windows of any length
+            table = rotary(torch.arange(m + x.size(1), device=x.device), self.config.emsize // self.config.nhead, x.dtype)
         new_state: list[torch.Tensor] = []
         for block, memory in zip(self.blocks, state):
             x, memory = block(x, memory, table, self.config.memory)
             new_state.append(memory)
         features = self.ln_final(x).transpose(0, 1)  # (T, B, C)
         return features, tuple(new_state)
+
+    def prepare_for_compile(self) -> None:
+        """The rotary table becomes an input of the compiled graph rather than a part of it.
+
+        Why: Inductor inlines the table's sines, cosines and powers into every kernel that rotates a query or a
+        key, for every element: on an H100 those kernels took 20% of a GPT-2-small step. (Done here, not with a
+        decorator: ``torch.compiler.disable`` imports torch._dynamo, 2 s and ~70 MB for every model.)
+        """
+        self._rotary_input = torch.compiler.disable(self._rotary_input)
+
+    def _rotary_input(self, positions: int, device: torch.device, dtype: torch.dtype) -> Rotary:
+        """The rotary table of positions 0..positions-1, kept between steps (a window and its memory span the
+        same positions every time); run outside the compiled graph after :meth:`prepare_for_compile`."""
+        cached = self._rotary_cache
+        if cached is None or cached[0].size(0) != positions or cached[0].device != device or cached[0].dtype != dtype:
+            cached = rotary(torch.arange(positions, device=device), self.config.emsize // self.config.nhead, dtype)
+            self._rotary_cache = cached
+        return cached
 
     def eval_layout(self, bptt: int) -> EvalLayout:
         if not self.carries_state:

@@ -50,7 +50,7 @@ from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model, count_parameters
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
-from neurallm.runtime import capture_rng_state, pick_device, restore_rng_state, seed_everything, use_fast_cuda_math
+from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
@@ -194,7 +194,6 @@ class Trainer:
         train = config.train
         # under torchrun, CUDA means this rank's own GPU (cuda:LOCAL_RANK)
         self.device = ranks.device if ranks.device.type == "cuda" else pick_device(train.device)
-        use_fast_cuda_math(self.device)
         check_model_fits(config.model, train, self.device)  # before the allocator fails with a traceback
         seed_everything(train.seed)
         self.model: LanguageModel = build_model(config.model).to(self.device)
@@ -222,6 +221,7 @@ class Trainer:
 
             self.step_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if train.compile:
+            self.model.prepare_for_compile()
             self.step_model = torch.compile(self.step_model)
         self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
@@ -355,9 +355,10 @@ class Trainer:
         # variable-length BPTT: a window's share of the learning rate is its share of the mean length
         self.schedule.apply(self.optimizer, inputs.size(0) / self.config.train.bptt if self.config.train.variable_bptt else 1.0)
         # under DDP the ranks must all take the update or all skip it: the fault check decides that together
-        outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
-                                skip_nonfinite=self.check_interval == 1 and not self.ranks.distributed,
-                                amp_dtype=self.amp_dtype)
+        with cuda_matmul_precision(self.device, tf32=True):
+            outcome = training_step(self.step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
+                                    skip_nonfinite=self.check_interval == 1 and not self.ranks.distributed,
+                                    amp_dtype=self.amp_dtype)
         self.tracker.add(outcome)
         self.state = outcome.state
         return outcome
