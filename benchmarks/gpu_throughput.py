@@ -17,22 +17,21 @@ Models (a synthetic stream of uniformly random ids: throughput does not depend o
   tied embeddings, batch 8 (AdamW). MFU = model FLOP/s ÷ the device's dense bf16 peak (see
   :mod:`neurallm.training.throughput`; "unknown" for a device not in its table, such as any CPU).
 
-Each line is the median tokens/s over ``--steps`` timed steps after ``--warmup`` untimed ones (compilation
-happens in the warm-up).
+Each line is the tokens/s of ``--steps`` timed steps queued back to back, as ``neurallm train`` runs them (the
+host reads the loss back once, at the end), after ``--warmup`` untimed ones (compilation happens in the warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.models import build_model, count_parameters
-from neurallm.runtime import pick_device, use_fast_cuda_math
+from neurallm.runtime import cuda_matmul_precision, pick_device
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 from neurallm.training.throughput import bf16_peak_flops, mfu, model_flops_per_token
@@ -69,22 +68,23 @@ def measure(shape: Shape, device: torch.device, *, amp: bool, compile_model: boo
     model = build_model(shape.model).to(device).train()
     train = TrainConfig(optimizer=shape.optimizer, lr=shape.lr, batch_size=shape.batch_size, bptt=shape.bptt)
     optimizer = build_optimizer(model, train)
+    if compile_model:
+        model.prepare_for_compile()  # as neurallm train --compile does
     step_model = torch.compile(model) if compile_model else model
     ids = torch.randint(0, shape.model.vocab_size, (shape.bptt + 1, shape.batch_size), device=device)
     state = model.init_state(shape.batch_size, device)
     amp_dtype = torch.bfloat16 if amp else None
-    seconds = []
+    started = None
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        if i == warmup:
+            if warmup:
+                float(outcome.nll)  # the warm-up (and compilation) done
+            started = time.perf_counter()
         outcome = training_step(step_model, optimizer, ids[:-1], ids[1:], state, clip=0.25, skip_nonfinite=False,
                                 amp_dtype=amp_dtype)
         state = outcome.state
-        float(outcome.nll)  # wait for the step to finish
-        if i >= warmup:
-            seconds.append(time.perf_counter() - started)
-    tokens_per_s = shape.batch_size * shape.bptt / statistics.median(seconds)
+    float(outcome.nll)  # wait for the last step to finish
+    tokens_per_s = steps * shape.batch_size * shape.bptt / (time.perf_counter() - started)
     n_params = count_parameters(model)
     utilisation = mfu(tokens_per_s, model_flops_per_token(shape.model, shape.bptt, n_params), bf16_peak_flops(device))
     return {"model": shape.name, "compile": compile_model, "tokens_per_s": tokens_per_s, "mfu": utilisation,
@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model (default: 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     parser.add_argument("--only", help="run only the models whose name contains this (default: all)")
+    parser.add_argument("--batch-size", type=int, help="columns per step for every model run (default: each model's own)")
     args = parser.parse_args()
     device = pick_device(args.device)
-    use_fast_cuda_math(device)
     amp = (args.amp or ("bf16" if device.type == "cuda" else "none")) == "bf16"
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -113,8 +113,11 @@ def main() -> None:
     for shape in shapes(args.tiny):
         if args.only and args.only not in shape.name:
             continue
+        if args.batch_size:
+            shape = replace(shape, name=f"{shape.name} b{args.batch_size}", batch_size=args.batch_size)
         for compile_model in compile_modes:
-            row = measure(shape, device, amp=amp, compile_model=compile_model, steps=args.steps, warmup=args.warmup)
+            with cuda_matmul_precision(device, tf32=True):  # as neurallm train's steps run
+                row = measure(shape, device, amp=amp, compile_model=compile_model, steps=args.steps, warmup=args.warmup)
             utilisation = "—" if row["mfu"] is None else f"{row['mfu']:.1%}"
             if row["mfu"] is None and shape.model.model == "Transformer":
                 utilisation = "unknown"

@@ -1,7 +1,9 @@
 """Where a training step's time goes: torch.profiler over steps of the PyTorch example's default LSTM.
 
-Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25] [--amp bf16]``.
-Prints the operators sorted by total CPU time (self time excluded from parents), after a few warm-up steps.
+Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25] [--amp bf16]
+[--device cuda]``. Prints the operators sorted by total CPU time (self time excluded from parents), after a few
+warm-up steps; on a GPU also the table sorted by GPU time, and the step's time with the host's share of it (a
+step whose host time is most of its wall time waits on Python and kernel launches, not on the GPU).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from neurallm.api import prepare
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.models import build_model
-from neurallm.runtime import keep_freed_memory
+from neurallm.runtime import cuda_matmul_precision, keep_freed_memory, pick_device
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 
@@ -28,32 +30,50 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="as neurallm train --amp")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
     args = p.parse_args()
+    device = pick_device(args.device)
+    on_gpu = device.type == "cuda"
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     keep_freed_memory()
     prepared = prepare(args.data)
     torch.manual_seed(1111)
-    model = build_model(ModelConfig(vocab_size=len(prepared.vocab))).train()
+    model = build_model(ModelConfig(vocab_size=len(prepared.vocab))).to(device).train()
     train = TrainConfig()
     optimizer = build_optimizer(model, train)
-    batches = iter(ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt).epoch(0))
-    state = model.init_state(train.batch_size)
+    batches = iter(ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt, device).epoch(0))
+    state = model.init_state(train.batch_size, device)
 
     def step() -> None:
         nonlocal state
         inputs, targets = next(batches)
-        state = training_step(model, optimizer, inputs, targets, state, clip=train.clip, amp_dtype=amp_dtype).state
+        with cuda_matmul_precision(device, tf32=True):  # as the trainer's steps run
+            state = training_step(model, optimizer, inputs, targets, state, clip=train.clip, amp_dtype=amp_dtype,
+                                  skip_nonfinite=not on_gpu).state
+
+    def wait() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(device)
 
     for _ in range(args.warmup):
         step()
-    started = time.perf_counter()
+    wait()
+    started, host_started = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
-    print(f"{1000 * (time.perf_counter() - started) / args.steps:.1f} ms/step without the profiler")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    host = time.process_time() - host_started
+    wait()
+    wall = time.perf_counter() - started
+    print(f"{1000 * wall / args.steps:.2f} ms/step without the profiler"
+          + (f"; the host's CPU time to queue a step: {1000 * host / args.steps:.2f} ms" if on_gpu else ""))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
+        wait()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if on_gpu:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,15 @@ def test_profile_train_prints_the_step_time_and_the_operator_table(tmp_path):
     assert "Self CPU time total" in out
 
 
+def test_gpu_throughput_prints_a_row_per_model_and_compile_mode_on_any_device():
+    out = _run("gpu_throughput.py", "--tiny", "--device", "cpu", "--compile", "off", "--steps", "2", "--warmup", "1",
+               "--batch-size", "3")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("lstm", "gpt2"))]
+    assert [row[0] for row in rows] == ["lstm-2x200", "lstm-2x650", "gpt2-small"]
+    assert all(row[3:5] == ["b3", "no"] and float(row[6].replace(",", "")) > 0 for row in rows)  # tiny shapes, batch 3
+    assert rows[2][-1] == "unknown"  # no MFU without the device's bf16 peak
+
+
 def test_train_speed_compares_the_same_windows_of_both_programs(tmp_path):
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=400)
     out = _run("train_speed.py", "--data", str(corpus), "--repeats", "1", "--batches", "2", "--threads", "1")
