@@ -255,6 +255,27 @@ def test_mfu_uses_the_devices_own_peak_and_says_unknown_otherwise():
     assert mfu(100_000, per_token, None) is None and mfu(100_000, None, 989.4e12) is None
 
 
+@pytest.mark.parametrize("windows", ["contiguous", "shuffled"])
+def test_under_compile_an_odd_shaped_window_runs_uncompiled_rather_than_compiling_again(tmp_path, monkeypatch, windows):
+    """An epoch's last window is shorter (or its last batch of shuffled windows smaller): compiling a graph for that
+    one step would stall the run, so it runs eagerly and only the usual shape is ever compiled."""
+    compiled_shapes = []
+
+    def recording_backend(graph_module, example_inputs):
+        compiled_shapes.extend(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.int64)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=recording_backend))
+    corpus = write_patterned_corpus(tmp_path / "c", lines=60)
+    # 734 training tokens: 4 columns of 183 rows, whose last window of 8 has 6 rows; or 91 windows, the last batch 3
+    result = neurallm.train(corpus, tmp_path / "run", compile=True, emsize=16, nhid=16, nlayers=1, batch_size=4, bptt=8,
+                            epochs=1, lr=2.0, eval_batch_size=2, progress=False, shuffle_windows=windows == "shuffled")
+    assert result.epochs_completed == 1 and np.isfinite(result.test.loss)
+    # the ids and targets of the usual window only, (8, 4) or flattened after a graph break
+    assert {(8, 4)} <= set(compiled_shapes) <= {(8, 4), (32,)}
+
+
 @pytest.mark.slow
 def test_a_compiled_run_trains_and_loads_without_compile(tmp_path):
     """torch.compile on the CPU (inductor + gcc): minutes on a small machine, hence slow."""
