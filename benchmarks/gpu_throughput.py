@@ -33,7 +33,7 @@ from neurallm.config import ModelConfig, TrainConfig
 from neurallm.models import build_model, count_parameters
 from neurallm.runtime import cuda_matmul_precision, pick_device
 from neurallm.training.optim import build_optimizer
-from neurallm.training.step import training_step
+from neurallm.training.step import compile_for_training, training_step
 from neurallm.training.throughput import bf16_peak_flops, mfu, model_flops_per_token
 
 
@@ -68,9 +68,7 @@ def measure(shape: Shape, device: torch.device, *, amp: bool, compile_model: boo
     model = build_model(shape.model).to(device).train()
     train = TrainConfig(optimizer=shape.optimizer, lr=shape.lr, batch_size=shape.batch_size, bptt=shape.bptt)
     optimizer = build_optimizer(model, train)
-    if compile_model:
-        model.prepare_for_compile()  # as neurallm train --compile does
-    step_model = torch.compile(model) if compile_model else model
+    step_model = compile_for_training(model) if compile_model else model  # as neurallm train --compile does
     ids = torch.randint(0, shape.model.vocab_size, (shape.bptt + 1, shape.batch_size), device=device)
     state = model.init_state(shape.batch_size, device)
     amp_dtype = torch.bfloat16 if amp else None

@@ -55,7 +55,7 @@ from neurallm.training import checkpoint as ckpt
 from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
-from neurallm.training.step import LossTracker, StepOutcome, syncs_for_free, training_step
+from neurallm.training.step import LossTracker, StepOutcome, compile_for_training, syncs_for_free, training_step
 from neurallm.training.progress import IntervalMeter
 from neurallm.training.throughput import bf16_peak_flops, mfu, model_flops_per_token
 
@@ -220,12 +220,15 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.step_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # the usual window's shape, and what runs any other shape under --compile (see _step)
+        # Under --compile a window of another shape than the usual one (an epoch's shorter last window, a smaller last
+        # batch of shuffled windows) runs uncompiled: compiling for it would stall the run for one step (27 s for the
+        # GPT-2-small shape on an H100). With --variable-bptt every length is usual: the compiled graph takes them all.
         self.full_window = (train.bptt, self.local_batch_size)
-        self.eager_step_model = self.step_model
+        self.odd_window_model: torch.nn.Module | None = None
         if train.compile:
-            self.model.prepare_for_compile()
-            self.step_model = torch.compile(self.step_model)
+            if not train.variable_bptt:
+                self.odd_window_model = self.step_model
+            self.step_model = compile_for_training(self.model, self.step_model)
         self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
@@ -358,12 +361,9 @@ class Trainer:
         # variable-length BPTT: a window's share of the learning rate is its share of the mean length
         self.schedule.apply(self.optimizer, inputs.size(0) / self.config.train.bptt if self.config.train.variable_bptt else 1.0)
         # under DDP the ranks must all take the update or all skip it: the fault check decides that together
-        # Under --compile a window of another shape (an epoch's shorter last window, a smaller last batch of shuffled
-        # windows) runs uncompiled: compiling for it would stall the run for one step (27 s for the GPT-2-small shape
-        # on an H100). With --variable-bptt every length is usual, and the compiled graph takes them all.
         step_model = self.step_model
-        if self.config.train.compile and not self.config.train.variable_bptt and tuple(inputs.shape) != self.full_window:
-            step_model = self.eager_step_model
+        if self.odd_window_model is not None and tuple(inputs.shape) != self.full_window:
+            step_model = self.odd_window_model
         with cuda_matmul_precision(self.device, tf32=True):
             outcome = training_step(step_model, self.optimizer, inputs, targets, state, clip=self.config.train.clip,
                                     skip_nonfinite=self.check_interval == 1 and not self.ranks.distributed,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neurallm.models.contract import State
+from neurallm.models.contract import LanguageModel, State
 from neurallm.training.optim import Optimizer
 
 
@@ -44,6 +44,13 @@ class StepOutcome:
 def syncs_for_free(device: torch.device) -> bool:
     """Whether reading a tensor's value on ``device`` costs nothing (no queue of kernels to wait for)."""
     return device.type == "cpu"
+
+
+def compile_for_training(model: LanguageModel, step_model: nn.Module | None = None) -> nn.Module:
+    """``torch.compile`` of ``step_model`` (the model itself, or a wrapper of it such as DistributedDataParallel),
+    after the model has moved out of the graph what the graph should take as an input (its ``prepare_for_compile``)."""
+    model.prepare_for_compile()
+    return torch.compile(model if step_model is None else step_model)
 
 
 def training_step(
