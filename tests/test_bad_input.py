@@ -316,7 +316,7 @@ CASES = [
     ("generate-seed-beyond-64-bits", ["generate", "{run}", "--seed", str(2**64)], None, "--seed must be between 0 and 2**64-1"),
     ("generate-context-negative", ["generate", "{run}", "--context", "-3"], None, "--context must be at least 1"),
     ("generate-tokens-above-cap", ["generate", "{run}", "--tokens", "1000001"], None, "--tokens must be at most 1,000,000"),
-    ("generate-out-in-run", ["generate", "{copy}", "--out", "{copy}/vocab.json"], None, "is inside the run folder"),
+    ("generate-out-in-run", ["generate", "{copy}", "--out", "{copy}/vocab.json"], None, "/copy's own vocab.json, which neurallm never writes over"),
     ("generate-out-is-folder", ["generate", "{run}", "--out", "{tmp}"], None, "is a folder; name a file for the text"),
     ("explain-range-descending", ["explain", "--range", "5..1"], None, "--range '5..1' is not of the form FIRST..LAST"),
     ("explain-text-and-range", ["explain", "--range", "1..4", "--text", "a b"], None, "give exactly one of --text"),

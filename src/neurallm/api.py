@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,8 +37,11 @@ from neurallm.models import build_model, count_parameters
 from neurallm.runtime import pick_device
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
-from neurallm.training import checkpoint as ckpt
-from neurallm.training.loop import Trainer, TrainResult
+from neurallm import runfolder, weights
+from neurallm.errors import RunDirError
+
+if TYPE_CHECKING:  # training is imported by train() alone: loading and using a run never imports it
+    from neurallm.training.loop import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
     the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
+    from neurallm.training.loop import Trainer
+
     out = Path(out)
     *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="train")
     if not save_every >= 0:  # NaN fails this too
@@ -98,7 +104,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     try:
         def check_out_and_prepare():
             if ranks.is_main:  # only rank 0 looks at, and later replaces, --out
-                ckpt.check_new_run_dir(out, force)
+                runfolder.check_new_run_dir(out, force)
             return open_training_data(data, data_settings)
 
         # rank 0 prepares the data; the others then find it in the cache
@@ -113,8 +119,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
                 # Only now may --force delete the old run: the new one is ready to start. The folder stays locked
                 # until the run ends, so a second process (another --force, a --resume) is refused rather than mixed in.
                 if ranks.is_main:
-                    held.enter_context(ckpt.claim_new_run_dir(out, force))
-                    ckpt.write_run_files(out, config, prepared.vocab)
+                    held.enter_context(runfolder.claim_new_run_dir(out, force))
+                    runfolder.write_run_files(out, config, prepared.vocab)
 
             ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
             logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
@@ -137,16 +143,16 @@ def _processes_note(ranks: Ranks) -> str:
 
 
 def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
-    config = ckpt.read_run_config(out)  # a run, before a lock file is put in it
+    config = runfolder.read_run_config(out)  # a run, before a lock file is put in it
     ranks, _ = ranks_from_environment(pick_device(config.resumed_with(settings).train.device))  # --device may change
     trainer = None
     try:
         with ExitStack() as held:
             def lock_and_read():
                 if ranks.is_main:  # one lock for the run: rank 0 holds it for all processes
-                    held.enter_context(ckpt.lock_run_dir(out))
+                    held.enter_context(runfolder.lock_run_dir(out))
                 # read again under the lock: the run may have changed while we waited for it
-                return ckpt.read_run_config(out)
+                return runfolder.read_run_config(out)
 
             config = ranks.main_first(lock_and_read)
             # every rank runs the same checks on the same files, so they all take the same branch
@@ -156,26 +162,28 @@ def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainRe
         _leave(ranks, trainer)
 
 
-def _no_last_checkpoint(out: Path) -> ckpt.RunDirError:
+def _no_last_checkpoint(out: Path) -> RunDirError:
     """Say what is left of a run without last.safetensors, and never advise deleting the only trained weights."""
-    if (out / ckpt.BEST_FILE).is_file():
-        return ckpt.RunDirError(
-            f"{out} has no {ckpt.LAST_FILE}, so it cannot be resumed; its best weights, {out / ckpt.BEST_FILE}, are "
+    if (out / runfolder.BEST_FILE).is_file():
+        return RunDirError(
+            f"{out} has no {runfolder.LAST_FILE}, so it cannot be resumed; its best weights, {out / runfolder.BEST_FILE}, are "
             "still there (eval and generate use them). To keep them, train the new run into another --out "
             "(or copy the folder first): --force would delete them"
         )
-    return ckpt.RunDirError(f"{out} has no {ckpt.LAST_FILE} and no {ckpt.BEST_FILE}: it stopped before its first checkpoint, "
+    return RunDirError(f"{out} has no {runfolder.LAST_FILE} and no {runfolder.BEST_FILE}: it stopped before its first checkpoint, "
                             f"so there is nothing to resume or keep; start it again with `neurallm train --out {out} --force ...`")
 
 
 def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: Ranks, *, progress, save_every) -> Trainer:
     """The trainer of a locked run to resume, after checking that it can be resumed with ``settings`` and ``data``."""
-    if not (out / ckpt.LAST_FILE).is_file():
+    from neurallm.training.loop import Trainer
+
+    if not (out / runfolder.LAST_FILE).is_file():
         raise _no_last_checkpoint(out)
     config = config.resumed_with(settings)
     if data is not None and _data_name(data) != config.source.data:
         raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
-    ckpt.check_weights_fit(out / ckpt.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
+    weights.check_weights_fit(out / runfolder.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
 
     def prepare():
         if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):
@@ -184,7 +192,7 @@ def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: 
 
     prepared = ranks.main_first(prepare)
     if ranks.is_main:
-        ckpt.write_run_files(out, config, prepared.vocab)
+        runfolder.write_run_files(out, config, prepared.vocab)
     return Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
 
 
@@ -311,32 +319,18 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "au
     An NT-ASGD run that has begun averaging is scored, like its validation, with the averaged weights: ``last``
     then loads the running average saved beside the raw weights."""
     folder = Path(run_dir)
-    config = ckpt.read_run_config(folder)
-    vocab = ckpt.read_vocab(folder)
+    config = runfolder.read_run_config(folder)
+    vocab = runfolder.read_vocab(folder, config.tokenizer)
     if len(vocab) != config.model.vocab_size:
-        raise ckpt.RunDirError(f"{folder}: vocab.json has {len(vocab)} tokens but config.json says {config.model.vocab_size}; the run directory is inconsistent")
+        raise RunDirError(f"{folder}: vocab.json has {len(vocab)} tokens but config.json says {config.model.vocab_size}; the run directory is inconsistent")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
-    path = folder / (ckpt.BEST_FILE if checkpoint == "best" else ckpt.LAST_FILE)
-    ckpt.check_weights_fit(path, config.model)  # header against config before a byte of the model is allocated
+    path = folder / (runfolder.BEST_FILE if checkpoint == "best" else runfolder.LAST_FILE)
+    weights.check_weights_fit(path, config.model)  # header against config before a byte of the model is allocated
     model = build_model(config.model)
-    tensors, _ = ckpt.read_safetensors(path)
-    ckpt.load_model_tensors(model, tensors, path)
+    tensors, _ = weights.read_safetensors(path)
+    weights.load_model_tensors(model, tensors, path)
     if checkpoint == "last":
-        _apply_saved_average(model, tensors, path)
+        weights.apply_saved_average(model, tensors, path)
     model.to(pick_device(device)).eval()
     return Run(folder, config, vocab, model)
-
-
-def _apply_saved_average(model: nn.Module, tensors: dict, path: Path) -> None:
-    from neurallm.training.ntasgd import PREFIX
-
-    averages = {name[len(PREFIX):]: t for name, t in tensors.items() if name.startswith(PREFIX)}
-    if not averages:
-        return
-    params = dict(model.named_parameters())
-    if set(averages) != set(params) or any(averages[n].shape != p.shape for n, p in params.items()):
-        raise ckpt.RunDirError(f"{path}: its NT-ASGD averages do not match the model's parameters; the file is damaged")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(averages[name])

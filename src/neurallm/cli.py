@@ -173,9 +173,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("train needs --data (a folder, file or dataset name); or --resume an existing --out")
     if args.resume and args.force:
         raise ConfigError("--resume and --force contradict each other: --resume continues --out, --force replaces it")
+    from neurallm.fileio import check_output_path
+
     for flag, path in (("--save", args.save), ("--onnx-export", args.onnx_export)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise ConfigError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it or name another file")
+        if path is not None:  # checked before training (never one of the run's own files), and again when written
+            check_output_path(path, flag, runs=(Path(args.out),))
     export_onnx = _onnx_exporter() if args.onnx_export else None  # fails before training if export is missing
     progress = False if args.no_progress else None
     result = train(args.data, args.out, resume=args.resume, force=args.force, progress=progress,
@@ -183,20 +185,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not _is_main_process():  # under torchrun, rank 0 alone writes files and prints
         return 0
     if args.save:
-        _copy_best_weights(result.run_dir, Path(args.save))
+        _copy_best_weights(result.run_dir, args.save)
     if export_onnx is not None:
-        export_onnx(result.run_dir, Path(args.onnx_export))
+        export_onnx(result.run_dir, args.onnx_export, flag="--onnx-export")
         print(f"exported the best model to {args.onnx_export} (ONNX)")
     return 0
 
 
-def _copy_best_weights(run_dir: Path, dest: Path) -> None:
+def _copy_best_weights(run_dir: Path, dest: str) -> None:
     import shutil
 
-    from neurallm.fileio import atomic_write
-    from neurallm.training.checkpoint import BEST_FILE
+    from neurallm.fileio import check_output_path, output_path
+    from neurallm.runfolder import BEST_FILE
 
-    atomic_write(dest, lambda tmp: shutil.copyfile(run_dir / BEST_FILE, tmp))
+    with output_path(check_output_path(dest, "--save", runs=(run_dir,))) as tmp:
+        shutil.copyfile(run_dir / BEST_FILE, tmp)
     print(f"wrote the best weights to {dest} (safetensors, as {run_dir / BEST_FILE})")
 
 
@@ -293,26 +296,18 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability P (default: 1)")
     p.add_argument("--seed", type=int, default=1111, help=_with_default("random seed; the same seed gives the same text", 1111))
     _add_context_flag(p, "bptt + memory; RNNs carry their whole history in their state")
-    p.add_argument("--out", "--outf", help="write the text to this file (--outf: the PyTorch example's name) "
-                                           "(default: standard output)")
+    p.add_argument("--out", "--outf", help="write the text to this file, - for standard output (--outf: the PyTorch "
+                                           "example's name) (default: standard output)")
     _add_checkpoint_flag(p)
     _add_device_flag(p)
 
 
-def _check_generate_out(out: Path, run: Path) -> None:
-    """--out must be a file outside the run folder: writing into it could replace a run file."""
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; name a file for the text")
-    if run.is_dir() and out.resolve().is_relative_to(run.resolve()):
-        raise ConfigError(f"--out {out} is inside the run folder {run}; write the text somewhere else")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
-    from neurallm.fileio import atomic_path
+    from neurallm.fileio import check_output_path, output_text
 
-    if args.out:
-        _check_generate_out(Path(args.out), Path(args.run))
+    # checked before the model loads: never a run's own file; `-` is standard output
+    target = check_output_path(args.out, "--out", stdout=True, what="the text") if args.out else None
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     settings = dict(tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, context=args.context)
@@ -328,10 +323,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The text is written as it is made, so Ctrl-C keeps what was generated (a file still appears whole: the
     # temp file is renamed into place with what it holds).
     result, interrupted = None, False
-    if args.out:
-        with atomic_path(Path(args.out)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    if target is not None and not target.is_stdout:
+        with output_text(target) as f:
             try:
-                result = run.generate(args.prompt, on_text=stream(f.write, lambda: None), **settings)
+                result = run.generate(args.prompt, on_text=stream(f.write, f.flush if target.through else lambda: None), **settings)
             except KeyboardInterrupt:
                 interrupted = True
     else:
@@ -343,13 +338,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(flush=True)
     tokens = max(0, pieces[0] - 1)
     if interrupted:
-        where = f" to {args.out}" if args.out else ""
+        where = f" to {args.out}" if target is not None and not target.is_stdout else ""
         print(f"neurallm generate: interrupted; wrote the {tokens:,} tokens made so far{where}", file=sys.stderr)
         return 130
     if result.prompt_unknown:
         shown = " ".join(sorted(set(result.prompt_unknown))[:10])
         print(f"note: {len(result.prompt_unknown)} prompt token(s) not in the vocabulary, read as <unk>: {shown}", file=sys.stderr)
-    if args.out:
+    if target is not None and not target.is_stdout:
         print(f"wrote {tokens:,} tokens to {args.out}", file=sys.stderr)
     return 0
 
@@ -411,13 +406,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write (required)")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write, - for standard output (required)")
     _add_checkpoint_flag(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     export_onnx = _onnx_exporter()
-    print(f"exported {args.run} to {export_onnx(Path(args.run), Path(args.onnx), checkpoint=args.checkpoint)} (ONNX)")
+    out = export_onnx(Path(args.run), args.onnx, checkpoint=args.checkpoint)
+    # with `--onnx -` the model itself went to standard output: the note goes to standard error
+    print(f"exported {args.run} to {out} (ONNX)", file=sys.stderr if args.onnx == "-" else sys.stdout)
     return 0
 
 
@@ -477,13 +474,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (-: standard output; never a run's own file)")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from neurallm.plots import plot_runs
 
-    print(f"wrote {plot_runs([Path(run) for run in args.runs], Path(args.out))}")
+    out = plot_runs([Path(run) for run in args.runs], args.out)
+    print(f"wrote {out}", file=sys.stderr if args.out == "-" else sys.stdout)  # `--out -`: the PNG is on stdout
     return 0
 
 

@@ -31,3 +31,8 @@ class FolderInUseError(NeurallmError):
 
 class DiskFullError(NeurallmError):
     """A write that ran out of disk space; the previous version of the file or folder is left as it was."""
+
+
+class OutputPathError(NeurallmError):
+    """An output path that names something neurallm must not write over (a run's own file, a block device, a
+    folder where a file is expected); nothing was written."""

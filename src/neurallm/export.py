@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from neurallm.errors import ConfigError
-from neurallm.fileio import atomic_path
+from neurallm.fileio import check_output_path, output_path
 
 logger = logging.getLogger(__name__)
 OPSET = 18
@@ -52,17 +52,18 @@ def _example_state(model, batch_size: int) -> tuple[torch.Tensor, ...]:
     return state
 
 
-def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = "best") -> Path:
-    """Export the run's model to ``out_file`` (ONNX; see the module docstring for its inputs and outputs)."""
+def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = "best", flag: str = "--onnx") -> Path:
+    """Export the run's model to ``out_file`` (ONNX; see the module docstring for its inputs and outputs).
+
+    ``out_file`` is checked like every output (:func:`neurallm.fileio.check_output_path`): never a run's own file,
+    ``-`` for standard output; ``flag`` names it in errors (``train --onnx-export`` calls this too)."""
     from neurallm.api import load_run
 
     try:
         import onnx
     except ModuleNotFoundError:
         raise ConfigError("--onnx needs the package onnx: pip install 'neurallm[onnx]'") from None
-    out_file = Path(out_file)
-    if not out_file.resolve().parent.is_dir():
-        raise ConfigError(f"--onnx {out_file}: the folder {out_file.parent} does not exist; create it or name another file")
+    target = check_output_path(out_file, flag, stdout=True)  # before the run is loaded: a refusal costs nothing
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
     model = run.model.eval()
     state = _example_state(model, batch_size=2)
@@ -77,7 +78,7 @@ def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = 
     cold = model.init_state(1, "cpu")
     state_shapes = {name: ["batch" if axis == (0 if is_transformer else 1) else size for axis, size in enumerate(s.shape)]
                     for name, s in zip(state_names, cold)}
-    with atomic_path(out_file) as tmp, warnings.catch_warnings():
+    with output_path(target) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the TorchScript exporter: it keeps nn.LSTM/GRU as ONNX LSTM/GRU nodes with a dynamic sequence length
         torch.onnx.export(_Step(model), (ids, *state), str(tmp), dynamo=False, input_names=["ids", *state_names],
@@ -87,8 +88,9 @@ def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = 
                            ("neurallm.config", json.dumps(run.config.model.to_dict()))):
             graph.metadata_props.add(key=key, value=value)
         onnx.save(graph, str(tmp))
-    logger.info(f"exported {run_dir} to {out_file}")
-    return out_file
+    if not target.is_stdout:  # the model itself is on standard output
+        logger.info(f"exported {run_dir} to {out_file}")
+    return Path(out_file)
 
 
 def onnx_initial_state(session, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -111,9 +113,10 @@ def generate_onnx(onnx_file: str | Path, run_dir: str | Path, prompt: str = "", 
 
     from neurallm.generation import continue_text, prompt_to_tokens
     from neurallm.data.tokenizers import line_break_token
-    from neurallm.training import checkpoint as ckpt
+    from neurallm.runfolder import read_run_config, read_vocab
 
-    config, vocab = ckpt.read_run_config(Path(run_dir)), ckpt.read_vocab(Path(run_dir))
+    config = read_run_config(Path(run_dir))
+    vocab = read_vocab(Path(run_dir), config.tokenizer)
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     stateless = config.model.model == "Transformer" and config.model.memory == 0
     rng = np.random.default_rng(seed)

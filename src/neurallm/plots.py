@@ -10,17 +10,13 @@ backend switch, so a notebook's or an application's own matplotlib settings are 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm.errors import RunDirError
-from neurallm.fileio import atomic_write
-
-CURVES_FILE = "curves.png"
-METRICS_FILE = "metrics.jsonl"  # the name training.checkpoint writes; kept here so plotting needs no torch
-CONFIG_FILE = "config.json"
+from neurallm.fileio import OutputTarget, check_output_path, output_path
+from neurallm.runfolder import CURVES_FILE, METRICS_FILE, read_metrics, read_run_config, write_run_file
 
 
 @dataclass
@@ -52,40 +48,47 @@ class Curves:
 
 
 def read_run_curves(run_dir: Path) -> Curves:
-    """The curves of a run directory, from its ``metrics.jsonl`` and ``config.json``."""
+    """The curves of a run directory, from its ``metrics.jsonl`` and ``config.json`` (both read bounded and checked)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise RunDirError(f"{run_dir} is not a neurallm run directory (no {CONFIG_FILE}); give the --out folder of `neurallm train`")
-    try:
-        level = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["tokenizer"]["level"]
-        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        return Curves.from_metrics(run_dir.resolve().name, level, records)
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{run_dir}: no {Path(exc.filename).name} yet; plot it after its first epoch") from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{run_dir}: cannot read its metrics ({exc.__class__.__name__}: {exc}); the run directory is damaged") from None
+    level = read_run_config(run_dir).tokenizer.level
+    records = read_metrics(run_dir)
+    if not records:
+        raise RunDirError(f"{run_dir} has no finished epoch yet (its {METRICS_FILE} is empty or missing: the run stopped "
+                          "before its first epoch ended); plot it after its first epoch")
+    return Curves.from_metrics(run_dir.resolve().name, level, records)
 
 
 def write_run_curves(run_dir: Path, records: list[dict], level: str) -> Path:
     """Draw ``RUN/curves.png`` from the run's metric records (called by the trainer after every epoch)."""
     run_dir = Path(run_dir)
-    # never create the run folder: one deleted while training must not come back holding only this picture
-    return plot_curves([Curves.from_metrics(run_dir.resolve().name, level, records)], run_dir / CURVES_FILE,
-                       create_parent=False)
+    figure = draw_curves([Curves.from_metrics(run_dir.resolve().name, level, records)])
+    # never creates the run folder: one deleted while training must not come back holding only this picture
+    write_run_file(run_dir / CURVES_FILE, lambda tmp: figure.savefig(tmp, format="png"))
+    return run_dir / CURVES_FILE
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Overlay the curves of several run directories in one PNG (``neurallm plot RUN [RUN…] --out FILE``)."""
+def plot_runs(run_dirs: list[Path], out: Path | str) -> Path:
+    """Overlay the curves of several run directories in one PNG (``neurallm plot RUN [RUN…] --out FILE``;
+    ``-``: standard output). ``out`` may not be a run's own file (see :func:`neurallm.fileio.check_output_path`)."""
     if not run_dirs:
         raise RunDirError("plot needs at least one run directory")
-    return plot_curves([read_run_curves(Path(d)) for d in run_dirs], Path(out))
+    target = check_output_path(out, "--out", stdout=True)  # before the runs are read: a refusal costs nothing
+    return plot_curves([read_run_curves(Path(d)) for d in run_dirs], target)
 
 
-def plot_curves(runs: list[Curves], out: Path, *, create_parent: bool = True) -> Path:
-    """Draw ``runs`` into the PNG ``out``, written atomically (a reader never sees half an image).
+def plot_curves(runs: list[Curves], out: Path | str | OutputTarget) -> Path:
+    """Draw ``runs`` into the PNG ``out``, written atomically (a reader never sees half an image); returns ``out``."""
+    target = out if isinstance(out, OutputTarget) else check_output_path(out, "--out", stdout=True)
+    figure = draw_curves(runs)
+    with output_path(target) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(target.given)
 
-    ``create_parent=False``: raise FileNotFoundError if ``out``'s folder does not exist rather than make it.
+
+def draw_curves(runs: list[Curves]):
+    """The figure of ``runs``: losses and learning rate on the left, validation perplexity or bpc on the right.
+
+    A ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot), so it changes no process-wide state.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -141,8 +144,7 @@ def plot_curves(runs: list[Curves], out: Path, *, create_parent: bool = True) ->
         ax.margins(y=0.08)
         ax.grid(True, alpha=0.3)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=9, frameon=False)
-    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, format="png"), create_parent=create_parent)
-    return Path(out)
+    return fig
 
 
 def _quality(levels: set[str]):

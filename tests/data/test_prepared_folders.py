@@ -298,17 +298,6 @@ def test_the_temp_folder_of_a_killed_prepare_is_removed_by_the_next_one(tmp_path
     assert alive.exists()
 
 
-def test_a_full_disk_while_appending_a_metrics_line(small_disk):
-    from neurallm.fileio import append_line
-
-    path = small_disk / "metrics.jsonl"
-    append_line(path, '{"epoch": 1}')
-    (small_disk / "filler").write_bytes(b"\0" * ((1 << 20) - 8192))  # what is left of the disk: less than a page
-    with pytest.raises(DiskFullError, match="metrics.jsonl: no space left on the device"):
-        append_line(path, "x" * 20_000)
-    assert path.read_text(encoding="utf-8").splitlines()[0] == '{"epoch": 1}'
-
-
 def test_a_second_process_writing_the_same_prepared_folder_is_refused_naming_the_first(tmp_path, capsys):
     """The lock lies beside the folder (the folder itself is swapped in whole) and is taken only to write."""
     from neurallm.cli import main

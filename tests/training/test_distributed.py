@@ -20,6 +20,7 @@ from neurallm.distributed import Ranks
 from neurallm.errors import ConfigError, TrainingError
 from neurallm.evaluation import evaluate
 from neurallm.models import build_model
+from neurallm import runfolder, weights
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.throughput import mfu, peak_for_name, transformer_flops_per_token
 
@@ -163,17 +164,17 @@ def test_checkpoints_of_a_compiled_or_ddp_wrapped_model_have_plain_names_and_loa
     model = build_model(ModelConfig(vocab_size=20, emsize=8, nhid=8, nlayers=1))
     compiled = torch.compile(model)  # compiled lazily: saving it compiles nothing
     assert all(name.startswith("_orig_mod.") for name in compiled.state_dict())
-    (tmp_path / ckpt.CONFIG_FILE).write_text("{}")  # weights are written into a run folder only
+    (tmp_path / runfolder.CONFIG_FILE).write_text("{}")  # weights are written into a run folder only
     ckpt.save_weights(tmp_path / "w.safetensors", compiled, {})
     saved = load_file(str(tmp_path / "w.safetensors"))
     assert not any("_orig_mod" in name or name.startswith("module.") for name in saved)
     fresh = build_model(ModelConfig(vocab_size=20, emsize=8, nhid=8, nlayers=1))
-    ckpt.load_model_tensors(fresh, saved, tmp_path / "w.safetensors")
+    weights.load_model_tensors(fresh, saved, tmp_path / "w.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor)
     # a file written with the wrappers' prefixes (by another tool) loads too
     prefixed = {f"_orig_mod.module.{k}": v for k, v in saved.items()}
-    ckpt.load_model_tensors(build_model(ModelConfig(vocab_size=20, emsize=8, nhid=8, nlayers=1)), prefixed, tmp_path / "p")
+    weights.load_model_tensors(build_model(ModelConfig(vocab_size=20, emsize=8, nhid=8, nlayers=1)), prefixed, tmp_path / "p")
 
 
 def test_a_run_trained_with_device_cuda_resumes_and_evaluates_on_a_cpu(trained_run, tmp_path):
@@ -185,7 +186,7 @@ def test_a_run_trained_with_device_cuda_resumes_and_evaluates_on_a_cpu(trained_r
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    tensors, metadata = ckpt.read_safetensors(run / "last.safetensors")
+    tensors, metadata = weights.read_safetensors(run / "last.safetensors")
     tensors["rng.cuda.0"] = torch.zeros(16, dtype=torch.uint8)  # as torch.cuda.get_rng_state() would add
     save_file(tensors, str(run / "last.safetensors"), metadata=metadata)
     config = json.loads((run / "config.json").read_text())

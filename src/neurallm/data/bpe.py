@@ -15,12 +15,16 @@ The trained tokenizer is saved as ``tokenizer.json`` (the ``tokenizers`` library
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from neurallm.errors import DataError
+from neurallm.fileio import read_bounded_text
 
 TOKENIZER_FILE = "tokenizer.json"
+# Read cap of a tokenizer.json that may be crafted: ~60 bytes a token and merge (GPT-2's 50k tokens: 1.4 MB).
+MAX_TOKENIZER_BYTES = 64 << 20
 UNK = "<unk>"  # the same spelling as neurallm.data.tokenizers.UNK (not imported: that module imports this one)
 
 
@@ -68,15 +72,19 @@ class BPE:
         return self.tokenizer.to_str()
 
     @classmethod
-    def load(cls, path: Path) -> "BPE":
+    def from_json(cls, text: str, source: Path | str = TOKENIZER_FILE) -> "BPE":
+        """The BPE saved as ``text`` (the content of a tokenizer.json read from ``source``)."""
         tk = _require_tokenizers()
         try:
-            return cls(tk.Tokenizer.from_file(str(path)))
+            return cls(tk.Tokenizer.from_str(text))
         except Exception as exc:  # tokenizers raises a plain Exception for a malformed file
-            raise DataError(f"{path} is not a tokenizers BPE file ({exc}); prepare or train again") from None
+            raise DataError(f"{source} is not a tokenizers BPE file ({exc}); prepare or train again") from None
 
 
 def load_bpe_beside(folder: Path) -> BPE | None:
-    """The BPE saved in ``folder`` (a prepared corpus or a run directory), or None if it has none."""
+    """The BPE saved in a prepared corpus ``folder``, or None if it has none (read bounded: a tokenizer.json that
+    is there but not a regular file, a symlink to ``/dev/zero`` say, is an error, not "no BPE")."""
     path = Path(folder) / TOKENIZER_FILE
-    return BPE.load(path) if path.is_file() else None
+    if not os.path.lexists(path):
+        return None
+    return BPE.from_json(read_bounded_text(path, MAX_TOKENIZER_BYTES, "prepare again", error=DataError), path)

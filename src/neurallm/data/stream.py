@@ -47,15 +47,14 @@ from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.registry import cache_dir
 from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
-from neurallm.data.vocab import Vocab, VocabSettings, build_vocab
+from neurallm.data.vocab import MAX_VOCAB_BYTES, VOCAB_FILE, Vocab, VocabSettings, build_vocab
 from neurallm.errors import DataError
-from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full
+from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full, read_bounded_text
 from neurallm.locking import lock_folder
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-VOCAB_FILE = "vocab.json"
 SPLIT_FILES = tuple(f"{split}.npy" for split in SPLITS)
 FORMAT_VERSION = 3  # 2: whole-folder swap, per-split dtype, max_id and sha256 in meta; 3: chars and bytes per split, BPE
 _PROVISIONAL = np.dtype(np.uint32)
@@ -124,7 +123,8 @@ def load_prepared(folder: Path) -> PreparedCorpus:
     if meta["format_version"] != FORMAT_VERSION:
         raise DataError(f"{folder} was prepared by another neurallm version (format {meta['format_version']}, this one "
                         f"reads {FORMAT_VERSION}); run `neurallm prepare` again")
-    vocab = Vocab.from_json((folder / VOCAB_FILE).read_text(encoding="utf-8"), folder / VOCAB_FILE)
+    vocab = Vocab.from_json(read_bounded_text(folder / VOCAB_FILE, MAX_VOCAB_BYTES, "run `neurallm prepare` again",
+                                              error=DataError), folder / VOCAB_FILE)
     # a folder encoded for evaluation may hold only the split asked for (prepare_corpus's `splits`)
     splits = list(meta.get("splits") or SPLITS)
     missing = [f"{split}.npy" for split in splits if not (folder / f"{split}.npy").is_file()]

@@ -17,6 +17,10 @@ from neurallm.settings import setting
 if TYPE_CHECKING:
     import numpy as np
 
+VOCAB_FILE = "vocab.json"  # in a prepared corpus folder and in a run folder
+# Read cap of a vocab.json that may be crafted: about 20 bytes a token (wikitext-103's 267k tokens: ~5 MB).
+MAX_VOCAB_BYTES = 256 << 20
+
 
 @dataclass(frozen=True)
 class VocabSettings:

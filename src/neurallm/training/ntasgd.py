@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-PREFIX = "average."  # names of the averages in last.safetensors
+from neurallm.weights import AVERAGE_PREFIX as PREFIX  # names of the averages in last.safetensors (load_run reads them)
 
 
 class ParameterAverage:
