@@ -296,8 +296,8 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability P (default: 1)")
     p.add_argument("--seed", type=int, default=1111, help=_with_default("random seed; the same seed gives the same text", 1111))
     _add_context_flag(p, "bptt + memory; RNNs carry their whole history in their state")
-    p.add_argument("--out", "--outf", help="write the text to this file, - for standard output (--outf: the PyTorch "
-                                           "example's name) (default: standard output)")
+    p.add_argument("--out", "--outf", help="write the text to this file (--outf: the PyTorch example's name) "
+                                           "(default: standard output)")
     _add_checkpoint_flag(p)
     _add_device_flag(p)
 
@@ -406,7 +406,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write, - for standard output (required)")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write (required)")
     _add_checkpoint_flag(p)
 
 
@@ -474,7 +474,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
-    p.add_argument("--out", required=True, help="PNG file to write (-: standard output; never a run's own file)")
+    p.add_argument("--out", required=True, help="PNG file to write")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
