@@ -176,6 +176,7 @@ def _no_last_checkpoint(out: Path) -> RunDirError:
 
 def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: Ranks, *, progress, save_every) -> Trainer:
     """The trainer of a locked run to resume, after checking that it can be resumed with ``settings`` and ``data``."""
+    from neurallm.training.checkpoint import check_last
     from neurallm.training.loop import Trainer
 
     if not (out / runfolder.LAST_FILE).is_file():
@@ -184,6 +185,7 @@ def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: 
     if data is not None and _data_name(data) != config.source.data:
         raise ConfigError(f"--data {data} differs from the run's {config.source.data}; resume with the same data")
     weights.check_weights_fit(out / runfolder.LAST_FILE, config.model)  # before the Trainer builds the model config.json describes
+    check_last(out / runfolder.LAST_FILE)  # and the training state, before anything is written or trained
 
     def prepare():
         if Path(config.source.data).is_dir() and is_prepared(Path(config.source.data)):

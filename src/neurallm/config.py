@@ -127,6 +127,8 @@ class ModelConfig:
         if self.model != "AWD_LSTM":
             used = [f"--{name}" for name in AWD_ONLY if getattr(self, name) != 0.0]
             _require(not used, f"{', '.join(used)} apply to --model AWD_LSTM only; drop them or use --model AWD_LSTM")
+        _require(all(isinstance(c, int) and not isinstance(c, bool) for c in self.cutoffs),
+                 f"--cutoffs must be whole word ids, like 2000,10000; got {','.join(map(str, self.cutoffs))}")
         _require(all(b > a for a, b in zip(self.cutoffs, self.cutoffs[1:])) and all(c > 0 for c in self.cutoffs),
                  f"--cutoffs must be positive and increasing, like 2000,10000; got {','.join(map(str, self.cutoffs))}")
         _require(not (self.tied and self.adaptive_softmax),
@@ -222,6 +224,13 @@ def from_dict(cls, data: dict, source: str):
     for name, value in data.items():
         default = known[name].default
         if default is MISSING or default is None:
+            # no default to compare with: the annotation says what it holds ("str", "int | None")
+            annotation = str(known[name].type)
+            if value is None and "None" in annotation:
+                continue
+            kind = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(annotation.split(" ")[0].split("|")[0])
+            if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                raise ConfigError(f"{source}: {name} is {value!r}, not of type {annotation}; the file is damaged")
             continue
         if isinstance(default, tuple):  # JSON keeps a tuple (--cutoffs, --split-ratios) as a list of numbers
             if not (isinstance(value, (list, tuple))

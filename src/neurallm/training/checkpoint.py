@@ -30,7 +30,7 @@ from torch import nn
 from neurallm.errors import RunDirError
 from neurallm.runfolder import BEST_FILE, check_metric_record, write_run_file
 from neurallm.training.optim import Optimizer
-from neurallm.weights import model_tensors, read_safetensors
+from neurallm.weights import model_tensors, read_safetensors, read_safetensors_header
 
 # The training loop's names for the run folder and its weights (it reaches them through this module).
 from neurallm.runfolder import LAST_FILE, check_run_dir_still_there, remove_stale_temp_files, write_metrics, write_results  # noqa: E402,F401
@@ -81,25 +81,37 @@ _OPTIONAL_STATE_TYPES = {"best_valid_loss": (int, float), "average": dict, "rank
 
 
 def load_last(path: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
-    """Weights and training state of ``last.safetensors``; the state is checked here, entry by entry, so that
-    ``--resume`` of a damaged one stops with one line before any training rather than after an epoch."""
+    """Weights and training state of ``last.safetensors``, the state checked entry by entry (:func:`check_last`)."""
     tensors, metadata = read_safetensors(path)
+    info = _training_state(path, metadata)
+    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    return tensors, TrainingState(info, rest)
+
+
+def check_last(path: Path) -> None:
+    """Refuse a ``last.safetensors`` whose training state is missing or damaged, from its header alone: ``--resume``
+    calls it before it changes anything or trains, so a damaged state is one line at the start rather than a
+    traceback after an epoch."""
+    _, metadata = read_safetensors_header(path)
+    _training_state(path, metadata)
+
+
+def _training_state(path: Path, metadata: dict[str, str]) -> dict:
     try:
         info = json.loads(metadata["neurallm_state"])
     except (KeyError, TypeError, json.JSONDecodeError, RecursionError):
         raise RunDirError(f"{path} holds no training state; it cannot be resumed (its weights can still be evaluated)") from None
-    problem = _state_problem(info, path)
+    problem = _state_problem(info)
     if problem:
         raise _damaged_state(path, problem)
-    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-    return tensors, TrainingState(info, rest)
+    return info
 
 
 def _is_kind(value, kind) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def _state_problem(info, path: Path) -> str | None:
+def _state_problem(info) -> str | None:
     """What is wrong with a training state read from JSON, or None."""
     if not isinstance(info, dict):
         return "not a JSON object"
