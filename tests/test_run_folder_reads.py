@@ -357,3 +357,14 @@ print(sorted(m for m in sys.modules if m.startswith("neurallm.training")))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_run_folder_module_and_plot_need_no_torch(trained_run, tmp_path):
+    """Reading a run folder is plain JSON and text: plotting a run imports neither torch nor neurallm.training."""
+    code = (f"import sys; from neurallm.cli import main; from neurallm import runfolder; "
+            f"runfolder.read_metrics({str(trained_run)!r}); runfolder.read_results({str(trained_run)!r}); "
+            f"code = main(['plot', {str(trained_run)!r}, '--out', {str(tmp_path / 'c.png')!r}]); "
+            f"print(code, 'torch' in sys.modules, any(m.startswith('neurallm.training') for m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.split()[-3:] == ["0", "False", "False"], result.stderr
