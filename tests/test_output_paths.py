@@ -298,3 +298,20 @@ def test_force_refuses_a_tensorboard_folder_holding_anything_else(run_copy, caps
     assert runfolder.foreign_entries(run_copy) == [runfolder.TENSORBOARD_DIR]
     assert main(["train", "--data", "x", "--out", str(run_copy), "--force"]) == 1
     assert "refusing to delete it even with --force" in one_error_line(capsys, "train")
+
+
+def test_generate_out_dev_stdout_writes_through_to_the_pipe(trained_run):
+    result = cli("generate", str(trained_run), "--tokens", "5", "--seed", "3", "--out", "/dev/stdout")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_export_onnx_dash_is_the_model_on_standard_output(trained_run, tmp_path):
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = cli("export", str(trained_run), "--onnx", "-")
+    assert result.returncode == 0, result.stderr
+    assert b"exported" in result.stderr and b"exported" not in result.stdout[-200:]
+    (tmp_path / "m.onnx").write_bytes(result.stdout)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "ids"
