@@ -1,4 +1,4 @@
-"""Writing an output never destroys anything else (neurallm.fileio.check_output_path and the atomic writer).
+"""Writing an output never destroys anything else (neurallm.outputs.check_output_path and the atomic writer).
 
 The rules, one test group each: a run folder's own files are never a target; a character device or a FIFO is
 written through and stays what it was; a block device, a socket or a folder is refused; a symlink is followed
@@ -22,7 +22,8 @@ import pytest
 from neurallm import runfolder
 from neurallm.cli import main
 from neurallm.errors import OutputPathError
-from neurallm.fileio import atomic_write_text, check_output_path, output_path
+from neurallm.fileio import atomic_write_text
+from neurallm.outputs import check_output_path, output_path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("train needs --data (a folder, file or dataset name); or --resume an existing --out")
     if args.resume and args.force:
         raise ConfigError("--resume and --force contradict each other: --resume continues --out, --force replaces it")
-    from neurallm.fileio import check_output_path
+    from neurallm.outputs import check_output_path
 
     for flag, path in (("--save", args.save), ("--onnx-export", args.onnx_export)):
         if path is not None:  # checked before training (never one of the run's own files), and again when written
@@ -195,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _copy_best_weights(run_dir: Path, dest: str) -> None:
     import shutil
 
-    from neurallm.fileio import check_output_path, output_path
+    from neurallm.outputs import check_output_path, output_path
     from neurallm.runfolder import BEST_FILE
 
     with output_path(check_output_path(dest, "--save", runs=(run_dir,))) as tmp:
@@ -304,7 +304,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
-    from neurallm.fileio import check_output_path, output_text
+    from neurallm.outputs import check_output_path, output_text
 
     # checked before the model loads: never a run's own file; `-` is standard output
     target = check_output_path(args.out, "--out", stdout=True, what="the text") if args.out else None

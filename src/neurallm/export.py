@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from neurallm.errors import ConfigError
-from neurallm.fileio import check_output_path, output_path
+from neurallm.outputs import check_output_path, output_path
 
 logger = logging.getLogger(__name__)
 OPSET = 18
@@ -55,7 +55,7 @@ def _example_state(model, batch_size: int) -> tuple[torch.Tensor, ...]:
 def export_onnx(run_dir: str | Path, out_file: str | Path, *, checkpoint: str = "best", flag: str = "--onnx") -> Path:
     """Export the run's model to ``out_file`` (ONNX; see the module docstring for its inputs and outputs).
 
-    ``out_file`` is checked like every output (:func:`neurallm.fileio.check_output_path`): never a run's own file,
+    ``out_file`` is checked like every output (:func:`neurallm.outputs.check_output_path`): never a run's own file,
     ``-`` for standard output; ``flag`` names it in errors (``train --onnx-export`` calls this too)."""
     from neurallm.api import load_run
 

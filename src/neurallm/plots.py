@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurallm.errors import RunDirError
-from neurallm.fileio import OutputTarget, check_output_path, output_path
+from neurallm.outputs import OutputTarget, check_output_path, output_path
 from neurallm.runfolder import CURVES_FILE, METRICS_FILE, read_metrics, read_run_config, write_run_file
 
 
@@ -69,7 +69,7 @@ def write_run_curves(run_dir: Path, records: list[dict], level: str) -> Path:
 
 def plot_runs(run_dirs: list[Path], out: Path | str) -> Path:
     """Overlay the curves of several run directories in one PNG (``neurallm plot RUN [RUN…] --out FILE``;
-    ``-``: standard output). ``out`` may not be a run's own file (see :func:`neurallm.fileio.check_output_path`)."""
+    ``-``: standard output). ``out`` may not be a run's own file (see :func:`neurallm.outputs.check_output_path`)."""
     if not run_dirs:
         raise RunDirError("plot needs at least one run directory")
     target = check_output_path(out, "--out", stdout=True)  # before the runs are read: a refusal costs nothing

@@ -77,7 +77,7 @@ def run_file_named(path: Path, *, extra_runs: Iterable[Path] = ()) -> str | None
 
     A run folder is any folder with a ``config.json``, or one of ``extra_runs`` (a run about to be written);
     its files are the names in :data:`RUN_FILES`, temp files of atomic writes, and anything in its TensorBoard
-    folder. The output paths of every command are checked with this (:func:`neurallm.fileio.check_output_path`).
+    folder. The output paths of every command are checked with this (:func:`neurallm.outputs.check_output_path`).
     """
     path = Path(path)
     runs = {Path(os.path.realpath(run)) for run in extra_runs}
