@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
