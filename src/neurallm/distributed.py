@@ -19,10 +19,20 @@ How the work is split (each rank runs the same code on its own share)::
 Every choice that decides control flow (a non-finite loss, Ctrl-C, --max-time, a checkpoint being due) is made
 collectively with :meth:`Ranks.any`, so all ranks take the same branch and none is left waiting in a collective
 the others skipped.
+
+When a peer fails, every collective of the survivors fails with it: a peer that died (``kill -9``, out of memory,
+a lost machine) closes its sockets and the next collective raises at once; a peer that stopped answering
+(``SIGSTOP``, a hung device, a swapping machine) is noticed only when a collective has waited ``--ddp-timeout``
+seconds (:data:`DEFAULT_DDP_TIMEOUT`; PyTorch's own default, 30 minutes, looks like a silent hang).
+:func:`as_peer_lost` turns either into one :class:`~neurallm.errors.PeerLostError` line on each
+survivor instead of gloo's traceback; under ``torchrun --max-restarts N`` the restarted group then resumes from
+the last checkpoint (:mod:`neurallm.elastic`).
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,9 +40,13 @@ from typing import TypeVar
 
 import torch
 
-from neurallm.errors import ConfigError, NeurallmError
+from neurallm.elastic import DEFAULT_DDP_TIMEOUT, restarts_allowed
+from neurallm.errors import ConfigError, NeurallmError, PeerLostError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,14 @@ class Ranks:
         if self.distributed:
             torch.distributed.barrier()
 
+    def from_main(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (the others' ``value`` is ignored): a decision rank 0 made alone."""
+        if not self.distributed:
+            return value
+        message = [value]
+        torch.distributed.broadcast_object_list(message, src=0)
+        return message[0]
+
     def main_first(self, work: Callable[[], T]) -> T:
         """Run ``work`` on rank 0, then on the others (data preparation: they find rank 0's result in the cache).
 
@@ -123,11 +145,13 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def ranks_from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
+def ranks_from_environment(device: torch.device, timeout: float = DEFAULT_DDP_TIMEOUT) -> tuple[Ranks, torch.device]:
     """The ranks torchrun started (initialising the process group once), and this rank's training device.
 
     Args:
         device: the device ``--device`` resolved to; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``.
+        timeout: seconds any collective (DDP's gradient all-reduce included) waits for the other processes
+            before it fails (``--ddp-timeout``); :func:`as_peer_lost` turns that into one line.
 
     Returns :data:`SINGLE` and ``device`` unchanged when the process was not started by torchrun (or with one
     process).
@@ -147,12 +171,89 @@ def ranks_from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
         backend = "gloo"
     else:
         raise ConfigError(f"--device {device.type} cannot train under torchrun; use --device cpu (gloo) or cuda (nccl)")
+    ranks = Ranks(rank, world_size, local_rank, device if backend == "nccl" else torch.device("cpu"))
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
-    return Ranks(rank, world_size, local_rank, device if backend == "nccl" else torch.device("cpu")), device
+        if rank == 0 and _store_outlives_restarts():
+            logger.warning(f"warning: {_SHARED_STORE_ADVICE}")
+        try:
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size,
+                                                 timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:
+            raise as_peer_lost(exc, ranks, timeout, None) from None
+    return ranks, device
+
+
+# PyTorch issue 135712: with several nodes, torchrun's agent keeps one rendezvous store across restarts and
+# keys its entries by each node's own restart count, which differs between a node whose worker failed and one
+# restarted for it; the new processes then read the old ones' addresses and cannot connect.
+_SHARED_STORE_ADVICE = ("torchrun --max-restarts over several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                        "torchrun's environment on every node (PyTorch issue 135712): without it the restarted "
+                        "processes may fail to connect to each other")
+
+
+def _store_outlives_restarts() -> bool:
+    """Whether this is a restartable torchrun group over several nodes sharing the agent's store (see above)."""
+    return (restarts_allowed() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1)
 
 
 def shutdown(ranks: Ranks) -> None:
     """Leave the process group (at the end of training), so the process exits without warnings."""
     if ranks.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """``"stalled"`` or ``"died"`` when ``exc`` is a collective failing because another process did; else None.
+
+    gloo raises a plain RuntimeError whose message carries its source path (``gloo/transport/tcp/pair.cc``
+    "Connection closed by peer", ``unbound_buffer.cc`` "Timed out waiting 600000ms"); NCCL and the rendezvous
+    store raise subclasses of ``torch.distributed.DistError``. Any other error (a bug, a user error) is None and
+    keeps its own message.
+    """
+    message = str(exc)
+    if isinstance(exc, torch.distributed.DistError) or (isinstance(exc, RuntimeError) and "gloo/" in message):
+        lowered = message.lower()
+        return "stalled" if "timed out" in lowered or "timeout" in lowered else "died"
+    return None
+
+
+def as_peer_lost(exc: BaseException, ranks: Ranks, timeout: float, run_dir: os.PathLike | str | None) -> BaseException:
+    """What to raise for ``exc``: a one-line :class:`PeerLostError` when a collective failed because another
+    process died or stalled, else ``exc`` itself (``raise as_peer_lost(exc, …)`` in an ``except`` clause).
+
+    Every surviving rank raises it (each names its rank); the run directory keeps its last checkpoint, which a
+    restarted torchrun group (``--max-restarts``) or ``--resume`` continues from.
+    """
+    kind = peer_failure(exc) if ranks.distributed else None
+    if kind is None:
+        return exc
+    error = PeerLostError(_peer_lost_message(ranks, kind, timeout, run_dir, exc))
+    error.__suppress_context__ = True  # as `raise … from None`: gloo's traceback is what this replaces
+    # Drop the failed call's frames now: they hold the DDP wrapper, which must go before the process group does
+    # (Trainer.close), not at interpreter exit, where tearing it down from a broken group takes seconds.
+    exc.__traceback__ = None
+    return error
+
+
+def _peer_lost_message(ranks: Ranks, kind: str, timeout: float, run_dir: os.PathLike | str | None,
+                       exc: BaseException) -> str:
+    who = f"rank {ranks.rank} of {ranks.world_size}"
+    if run_dir is None:  # while joining the others: nothing trained yet
+        advice = f"; {_SHARED_STORE_ADVICE}" if _store_outlives_restarts() else ""
+        return f"{who}: could not connect to the other processes ({_gloo_detail(exc)}){advice}"
+    if kind == "stalled":
+        what = (f"{who}: another process sent nothing for --ddp-timeout {timeout:g}s (stopped, hung or swapping); "
+                "stopped waiting. If it was only slow (rank 0 preparing a large corpus), raise --ddp-timeout or run "
+                "`neurallm prepare` first")
+    else:
+        what = f"{who}: another process died ({_gloo_detail(exc)})"
+    return (f"{what}. The last checkpoint in {run_dir} is intact: under torchrun --max-restarts N the group restarts "
+            "and resumes from it; otherwise run the same command with --resume")
+
+
+def _gloo_detail(exc: BaseException) -> str:
+    """The gist of a gloo message: "[…/pair.cc:553] Connection closed by peer [127.0.0.1]:30945. This is …"
+    gives "Connection closed by peer [127.0.0.1]:30945"."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return message.rsplit("] ", 1)[-1].split(". ", 1)[0] if "gloo/" in message else message.split(". ", 1)[0]

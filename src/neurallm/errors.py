@@ -31,3 +31,7 @@ class FolderInUseError(NeurallmError):
 
 class DiskFullError(NeurallmError):
     """A write that ran out of disk space; the previous version of the file or folder is left as it was."""
+
+
+class PeerLostError(TrainingError):
+    """Under torchrun, another training process died or stopped answering (every survivor reports it)."""

@@ -11,6 +11,7 @@
       metrics.jsonl      one JSON line per epoch
       results.json       test-set evaluation of the best model at the end of training
       .neurallm.lock     while a process writes the run: its PID (see :mod:`neurallm.locking`)
+      launch.json        under torchrun --max-restarts: which command started the run (:mod:`neurallm.elastic`)
 
 Every file is written to a temp file in RUN, fsynced and renamed, so a `kill -9` at any moment leaves either
 the previous or the new version of each. ``last.safetensors`` is one file on purpose: weights, optimizer and
@@ -44,6 +45,7 @@ from torch import nn
 from neurallm.config import ModelConfig, RunConfig
 from neurallm.data.bpe import TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.vocab import Vocab
+from neurallm.elastic import LAUNCH_FILE
 from neurallm.errors import ConfigError, RunDirError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
 from neurallm.locking import LOCK_FILE, FolderLock, check_not_locked, lock_folder
@@ -61,7 +63,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # Every file a run writes: the ONE list `--force` checks, so a folder holding anything else is never deleted.
 # A feature that adds a file to runs adds its name here.
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, BEST_FILE, LAST_FILE, METRICS_FILE, RESULTS_FILE, CURVES_FILE, TOKENIZER_FILE,
-             LOCK_FILE)
+             LOCK_FILE, LAUNCH_FILE)
 
 # Size caps for reading a possibly crafted run folder. config.json is a few KB; vocab.json about 20 bytes a
 # token (wikitext-103's 267k tokens: ~5 MB); a checkpoint header about 150 bytes a tensor (a run has tens).
