@@ -32,20 +32,19 @@ the last checkpoint (:mod:`neurallm.elastic`).
 from __future__ import annotations
 
 import datetime
-import logging
 import os
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from neurallm.elastic import DEFAULT_DDP_TIMEOUT, restarts_allowed
+from neurallm.elastic import DEFAULT_DDP_TIMEOUT
 from neurallm.errors import ConfigError, NeurallmError, PeerLostError
 
 T = TypeVar("T")
-
-logger = logging.getLogger(__name__)
 
 
 
@@ -173,28 +172,50 @@ def ranks_from_environment(device: torch.device, timeout: float = DEFAULT_DDP_TI
         raise ConfigError(f"--device {device.type} cannot train under torchrun; use --device cpu (gloo) or cuda (nccl)")
     ranks = Ranks(rank, world_size, local_rank, device if backend == "nccl" else torch.device("cpu"))
     if not torch.distributed.is_initialized():
-        if rank == 0 and _store_outlives_restarts():
-            logger.warning(f"warning: {_SHARED_STORE_ADVICE}")
         try:
-            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size,
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, store=_attempt_store(rank, world_size, timeout),
                                                  timeout=datetime.timedelta(seconds=timeout))
         except Exception as exc:
             raise as_peer_lost(exc, ranks, timeout, None) from None
     return ranks, device
 
 
-# PyTorch issue 135712: with several nodes, torchrun's agent keeps one rendezvous store across restarts and
-# keys its entries by each node's own restart count, which differs between a node whose worker failed and one
-# restarted for it; the new processes then read the old ones' addresses and cannot connect.
-_SHARED_STORE_ADVICE = ("torchrun --max-restarts over several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
-                        "torchrun's environment on every node (PyTorch issue 135712): without it the restarted "
-                        "processes may fail to connect to each other")
+_ATTEMPT_STORE_KEY = "neurallm/attempt_store"
 
 
-def _store_outlives_restarts() -> bool:
-    """Whether this is a restartable torchrun group over several nodes sharing the agent's store (see above)."""
-    return (restarts_allowed() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1)
+def _attempt_store(rank: int, world_size: int, timeout: float) -> torch.distributed.Store | None:
+    """A key-value store that only this attempt's processes use, under torchrun; None (torch's own) otherwise.
+
+    torchrun's agent keeps one store for all of its restarts, and PyTorch's env:// setup writes each process's
+    address into it under the same keys every attempt: a restarted process may read a dead predecessor's
+    address and fail to connect (gloo's "connectFullMesh failed ... Connection refused"; PyTorch issue 135712).
+    So rank 0 starts a store of its own and publishes its address in the agent's store; the others connect to
+    the address found there. One that belongs to a previous attempt refuses the connection (torchrun stops every
+    worker before it starts the next attempt), so they read it again until rank 0 of this attempt has published.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    wait = datetime.timedelta(seconds=timeout)
+    agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait)
+    if rank == 0:
+        # the agent's store runs on the node of rendezvous rank 0, which holds global rank 0
+        host = os.environ["MASTER_ADDR"] if os.environ.get("GROUP_RANK", "0") == "0" else socket.getfqdn()
+        store = torch.distributed.TCPStore(host, 0, world_size, is_master=True, timeout=wait, wait_for_workers=False)
+        agent.set(_ATTEMPT_STORE_KEY, f"{host}:{store.port}")
+        return store
+    deadline = time.monotonic() + timeout
+    while True:
+        host, _, port = agent.get(_ATTEMPT_STORE_KEY).decode().rpartition(":")  # waits until a first one is published
+        try:
+            store = torch.distributed.TCPStore(host, int(port), world_size, is_master=False,
+                                               timeout=datetime.timedelta(seconds=2))
+        except (RuntimeError, ValueError):  # a previous attempt's store, gone with its process
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        store.set_timeout(wait)
+        return store
 
 
 def shutdown(ranks: Ranks) -> None:
@@ -240,8 +261,7 @@ def _peer_lost_message(ranks: Ranks, kind: str, timeout: float, run_dir: os.Path
                        exc: BaseException) -> str:
     who = f"rank {ranks.rank} of {ranks.world_size}"
     if run_dir is None:  # while joining the others: nothing trained yet
-        advice = f"; {_SHARED_STORE_ADVICE}" if _store_outlives_restarts() else ""
-        return f"{who}: could not connect to the other processes ({_gloo_detail(exc)}){advice}"
+        return f"{who}: could not connect to the other processes ({_gloo_detail(exc)})"
     if kind == "stalled":
         what = (f"{who}: another process sent nothing for --ddp-timeout {timeout:g}s (stopped, hung or swapping); "
                 "stopped waiting. If it was only slow (rank 0 preparing a large corpus), raise --ddp-timeout or run "

@@ -182,8 +182,7 @@ def test_two_nodes_on_127_0_0_1_restart_together_and_resume_to_the_uninterrupted
     launch = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
               f"--rdzv-id=test-{os.getpid()}", "--max-restarts=1")
     train = ["--data", str(corpus), "--out", str(run), "--epochs", EPOCHS, *FLAGS]
-    nodes = [_torchrun(*launch, train=train, log_dir=tmp_path / f"node{i}", cwd=tmp_path,
-                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1") for i in (0, 1)]
+    nodes = [_torchrun(*launch, train=train, log_dir=tmp_path / f"node{i}", cwd=tmp_path) for i in (0, 1)]
     try:
         _wait_for(_first_epoch_saved(run), "first epoch", nodes)
         victims = [pid for pid in (_worker_of(node, rank=1) for node in nodes) if pid is not None]
