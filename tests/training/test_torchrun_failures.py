@@ -195,3 +195,23 @@ def test_two_nodes_on_127_0_0_1_restart_together_and_resume_to_the_uninterrupted
     resumed = "".join(_worker_log(tmp_path / f"node{i}", attempt, "stdout") for i in (0, 1) for attempt in (0, 1))
     assert resumed.count("torchrun restarted the processes") == 1 and "end of training" in resumed
     _assert_same_final_weights(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_stalled_rank_is_given_up(corpus, uninterrupted, tmp_path):
+    """A stopped rank: rank 0 gives up after --ddp-timeout, torchrun kills the stopped one (SIGKILL, after its
+    30-second grace for SIGTERM, which a stopped process cannot act on) and the restarted group resumes."""
+    logs, run = tmp_path / "logs", tmp_path / "run"
+    launcher = _torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                         train=["--data", str(corpus), "--out", str(run), "--epochs", EPOCHS, "--ddp-timeout", "5", *FLAGS],
+                         log_dir=logs, cwd=tmp_path)
+    try:
+        _wait_for(_first_epoch_saved(run), "first epoch", [launcher])
+        os.kill(_worker_of(launcher, rank=1), signal.SIGSTOP)
+        assert launcher.wait(timeout=LAUNCH_LIMIT) == 0, (logs / "torchrun.err").read_text()[-3000:]
+    finally:
+        _stop_all([launcher])
+    survivor_lines = _worker_log(logs, 0, "stderr").splitlines()
+    assert len(survivor_lines) == 1 and "rank 0 of 2: another process sent nothing for --ddp-timeout 5s" in survivor_lines[0]
+    assert "torchrun restarted the processes" in _worker_log(logs, 1, "stdout")
+    _assert_same_final_weights(run, uninterrupted)
