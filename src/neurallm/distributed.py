@@ -47,7 +47,6 @@ from neurallm.errors import ConfigError, NeurallmError, PeerLostError
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the training processes.
@@ -173,10 +172,11 @@ def ranks_from_environment(device: torch.device, timeout: float = DEFAULT_DDP_TI
     ranks = Ranks(rank, world_size, local_rank, device if backend == "nccl" else torch.device("cpu"))
     if not torch.distributed.is_initialized():
         try:
-            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, store=_attempt_store(rank, world_size, timeout),
+            store = _attempt_store(rank, world_size, timeout)
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                                                  timeout=datetime.timedelta(seconds=timeout))
         except Exception as exc:
-            raise as_peer_lost(exc, ranks, timeout, None) from None
+            raise as_peer_lost(exc, ranks, timeout, None)  # a peer that never came, or left: one line
     return ranks, device
 
 

@@ -1,4 +1,7 @@
-"""torchrun's failures: how long to wait for a peer, which attempt this process is, and whether a run folder is this command's own.
+"""torchrun's failures: how long a process waits for its peers, and which run a restarted attempt resumes.
+
+``--ddp-timeout`` (:data:`DEFAULT_DDP_TIMEOUT`) bounds every wait for another process; what a survivor says
+when a peer dies or stalls is in :mod:`neurallm.distributed`.
 
 ``torchrun --max-restarts N`` starts the whole group again (every rank, on every node) when one rank fails, with
 the same command line. A restarted ``neurallm train --out RUN`` (no ``--resume``) must then continue RUN from its
