@@ -26,7 +26,10 @@ from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
-from neurallm.distributed import Ranks, ranks_from_environment, shutdown
+from neurallm.distributed import Ranks, as_peer_lost, ranks_from_environment, shutdown
+from neurallm.elastic import (
+    DEFAULT_DDP_TIMEOUT, check_ddp_timeout, launch_record, restart_count, restart_plan, restarts_allowed, write_launch_record,
+)
 from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
@@ -73,7 +76,8 @@ def _data_name(data: str | Path) -> str:
 
 
 def train(data: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool | None = None, save_every: float = 300.0, **settings) -> TrainResult:
+          progress: bool | None = None, save_every: float = 300.0, ddp_timeout: float = DEFAULT_DDP_TIMEOUT,
+          **settings) -> TrainResult:
     """Train a model on ``data`` into the run directory ``out``.
 
     ``settings`` are the fields of ``ModelConfig`` (model, emsize, nhid, nlayers, dropout, tied, nhead, memory),
@@ -81,6 +85,10 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     and of the data settings accepted by :func:`prepare`: the flags of ``neurallm train --help`` with ``_`` for
     ``-`` (``eval_context`` is ``--context``). With ``resume=True`` the run continues from ``last.safetensors``;
     only the settings declared resumable (``epochs``, ``max_time``) may differ from the saved configuration.
+
+    Under torchrun, ``ddp_timeout`` is how many seconds a process waits for the others before it stops with one
+    line (a stalled peer; a dead one is reported at once); a group that ``torchrun --max-restarts N`` restarts
+    resumes the run it started from its last checkpoint without ``resume`` (:mod:`neurallm.elastic`).
 
     Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
     function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
@@ -92,15 +100,24 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="train")
     if not save_every >= 0:  # NaN fails this too
         raise ConfigError(f"--save-every must be 0 (every step) or more seconds (inf: only at the end of epochs), got {save_every}")
+    check_ddp_timeout(ddp_timeout)
     if resume:
-        return _resume(out, data, settings, progress=progress, save_every=save_every)
+        return _resume(out, data, settings, progress=progress, save_every=save_every, ddp_timeout=ddp_timeout)
     data_settings = {k: v for section in data_settings for k, v in section.items()}
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     device = pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
-    ranks, _ = ranks_from_environment(device)  # under torchrun: join the other processes (only rank 0 logs)
+    ranks, _ = ranks_from_environment(device, ddp_timeout)  # under torchrun: join the other processes (only rank 0 logs)
     trainer = None
     try:
+        launch = launch_record(data, out, settings)
+        plan = _restart_plan(ranks, out, launch)
+        if plan == "resume":
+            logger.info(f"torchrun restarted the processes: {out} was started by this command; resuming it")
+            # data=None: the launch record already proves it is the run's data (which may be a prepared folder)
+            return _resume(out, None, settings, progress=progress, save_every=save_every, ddp_timeout=ddp_timeout)
+        force = force or plan == "restart"  # this command's own folder, killed before its first checkpoint
+
         def check_out_and_prepare():
             if ranks.is_main:  # only rank 0 looks at, and later replaces, --out
                 runfolder.check_new_run_dir(out, force)
@@ -120,14 +137,26 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
                 if ranks.is_main:
                     held.enter_context(runfolder.claim_new_run_dir(out, force))
                     runfolder.write_run_files(out, config, prepared.vocab)
+                    if restarts_allowed():  # what a restarted attempt checks before it resumes the folder
+                        write_launch_record(out, launch)
 
             ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
             logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
                         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
                         + _processes_note(ranks))
             return trainer.run()
+    except Exception as exc:
+        raise as_peer_lost(exc, ranks, ddp_timeout, out)  # a peer that died or stalled: one line, not gloo's traceback
     finally:
         _leave(ranks, trainer)
+
+
+def _restart_plan(ranks: Ranks, out: Path, launch: dict[str, str]) -> str:
+    """``fresh`` on a first attempt; after a torchrun restart (seen on any rank), rank 0's :func:`restart_plan`."""
+    [restarted] = ranks.any([restart_count() > 0])  # a node restarted for another node's failure counts 0
+    if not restarted:
+        return "fresh"
+    return ranks.from_main(restart_plan(out, launch, runfolder.LAST_FILE) if ranks.is_main else None)
 
 
 def _leave(ranks: Ranks, trainer: Trainer | None) -> None:
@@ -141,9 +170,10 @@ def _processes_note(ranks: Ranks) -> str:
     return f", {ranks.world_size} processes (DistributedDataParallel)" if ranks.distributed else ""
 
 
-def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainResult:
+def _resume(out: Path, data, settings: dict, *, progress, save_every, ddp_timeout: float) -> TrainResult:
     config = runfolder.read_run_config(out)  # a run, before a lock file is put in it
-    ranks, _ = ranks_from_environment(pick_device(config.resumed_with(settings).train.device))  # --device may change
+    device = pick_device(config.resumed_with(settings).train.device)  # --device may change
+    ranks, _ = ranks_from_environment(device, ddp_timeout)
     trainer = None
     try:
         with ExitStack() as held:
@@ -157,6 +187,8 @@ def _resume(out: Path, data, settings: dict, *, progress, save_every) -> TrainRe
             # every rank runs the same checks on the same files, so they all take the same branch
             trainer = _resumed_trainer(out, config, data, settings, ranks, progress=progress, save_every=save_every)
             return trainer.run(resume=True)
+    except Exception as exc:
+        raise as_peer_lost(exc, ranks, ddp_timeout, out)
     finally:
         _leave(ranks, trainer)
 

@@ -30,7 +30,8 @@ from neurallm.config import (
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
-from neurallm.errors import ConfigError, NeurallmError
+from neurallm.elastic import DEFAULT_DDP_TIMEOUT
+from neurallm.errors import ConfigError, NeurallmError, PeerLostError
 from neurallm.settings import Setting, format_value, settings_of
 
 DEFAULT_TOKENS = 1000
@@ -153,6 +154,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="replace an existing run directory")
     g.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
                    help=_with_default("seconds between mid-epoch checkpoints", 300))
+    g.add_argument("--ddp-timeout", type=float, default=DEFAULT_DDP_TIMEOUT, metavar="SECONDS",
+                   help=_with_default("under torchrun: seconds a process waits for the others before it stops with "
+                                      "one line (a stalled peer; a dead one is reported at once)", DEFAULT_DDP_TIMEOUT))
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: plain progress lines instead, as when stderr is not a terminal")
     g.add_argument("--save", metavar="FILE", help="also write the best weights to FILE when training ends, as "
@@ -181,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     export_onnx = _onnx_exporter() if args.onnx_export else None  # fails before training if export is missing
     progress = False if args.no_progress else None
     result = train(args.data, args.out, resume=args.resume, force=args.force, progress=progress,
-                   save_every=args.save_every, **settings)
+                   save_every=args.save_every, ddp_timeout=args.ddp_timeout, **settings)
     if not _is_main_process():  # under torchrun, rank 0 alone writes files and prints
         return 0
     if args.save:
@@ -577,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     except NeurallmError as exc:
         if args.debug:
             raise
-        if _is_main_process():  # under torchrun every rank stops with the same error; one prints it
+        # under torchrun every rank stops with the same error and one prints it; a lost peer, each survivor
+        if _is_main_process() or isinstance(exc, PeerLostError):
             print(f"neurallm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, MemoryError) as exc:

@@ -36,3 +36,7 @@ class DiskFullError(NeurallmError):
 class OutputPathError(NeurallmError):
     """An output path that names something neurallm must not write over (a run's own file, a block device, a
     folder where a file is expected); nothing was written."""
+
+
+class PeerLostError(TrainingError):
+    """Under torchrun, another training process died or stopped answering (every survivor reports it)."""

@@ -43,6 +43,7 @@ from neurallm.data.vocab import MAX_VOCAB_BYTES, VOCAB_FILE, Vocab
 from neurallm.errors import ConfigError, DataError, RunDirError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file, read_bounded_text
 from neurallm.locking import LOCK_FILE, FolderLock, check_not_locked, lock_folder
+from neurallm.elastic import LAUNCH_FILE
 
 CONFIG_FILE = "config.json"
 BEST_FILE = "model.safetensors"
@@ -54,7 +55,7 @@ TENSORBOARD_DIR = "tensorboard"  # a folder: TensorBoard's event files (events.o
 # Every file a run writes: the ONE list `--force` checks, so a folder holding anything else is never deleted, and
 # the list of names no output flag may write over. A feature that adds a file to runs adds its name here.
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, BEST_FILE, LAST_FILE, METRICS_FILE, RESULTS_FILE, CURVES_FILE, TOKENIZER_FILE,
-             LOCK_FILE, TENSORBOARD_DIR)
+             LOCK_FILE, LAUNCH_FILE, TENSORBOARD_DIR)
 
 # Size caps for reading a possibly crafted run folder, each far above what neurallm writes: config.json is a few
 # KB; vocab.json about 20 bytes a token (wikitext-103's 267k tokens: ~5 MB; cap in data/vocab.py); tokenizer.json
