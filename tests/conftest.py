@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Resolved, as neurallm resolves the data folders it finds (config.json records where a corpus was found): where
+# ../shared is a symlink (a CI layout, a worktree), an unresolved path would differ from every path neurallm reports.
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(autouse=True, scope="session")
