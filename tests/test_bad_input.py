@@ -381,6 +381,7 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neurallm", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
+@pytest.mark.integration
 def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     _latin1_file(tmp_path)
     for argv, expected in (
@@ -396,6 +397,7 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--debug", "explain", "--range", "5..1"], ["explain", "--debug", "--range", "5..1"]],
                          ids=["before-subcommand", "after-subcommand"])
+@pytest.mark.integration
 def test_debug_shows_the_traceback(argv, tmp_path):
     result = _cli(*argv, cwd=tmp_path)
     assert result.returncode != 0

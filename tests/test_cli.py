@@ -42,6 +42,7 @@ def corpus(tmp_path_factory) -> Path:
     return write_patterned_corpus(tmp_path_factory.mktemp("cli") / "corpus")
 
 
+@pytest.mark.integration
 def test_python_dash_m_neurallm_trains_a_run(tiny_corpus, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.integration  # each test runs `neurallm generate` in a subprocess and interrupts it
+
 
 
 def _start(*argv: str) -> subprocess.Popen:

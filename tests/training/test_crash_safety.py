@@ -97,6 +97,7 @@ def _check_run_is_usable(run: Path, capsys) -> None:
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.integration
 def test_kill_9_at_random_moments_leaves_a_run_that_eval_generate_and_resume_accept(tmp_path, capsys):
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=150)
     run = tmp_path / "run"
@@ -162,6 +163,7 @@ sys.exit(main(sys.argv[3:]))
 # last.safetensors: its 3rd write (after step 3 of the resumed epoch); model.safetensors: its 1st write, at the end
 # of the resumed epoch (which improves on the ones before, so the best model is saved)
 @pytest.mark.parametrize("target, count", [("last.safetensors", 3), ("model.safetensors", 1)])
+@pytest.mark.integration
 def test_kill_9_in_the_middle_of_a_checkpoint_write(run_copy, capsys, target, count):
     """The worst moment, made certain: the process dies with a half-written checkpoint on disk."""
     run = run_copy
