@@ -3,6 +3,8 @@
 * ``on_pre_build``: docs/reference/cli.md must equal what scripts/flags_table.py generates from the parser now.
   A flag added, renamed or re-documented without ``python scripts/flags_table.py --write`` stops the build with
   one line saying so (strict or not), so the published reference cannot drift from the program.
+* ``on_page_markdown``: the package layout on the Development page is drawn from the source at build time (each
+  module's path and the first line of its docstring), so it lists every module there is, never a stale few.
 * ``on_files``: the notebooks stay in notebooks/ (where tests/test_notebooks.py executes them and Jupyter users
   find them) and are added to the site as notebooks/NAME.ipynb; mkdocs-jupyter renders them without running
   them (``execute: false`` in mkdocs.yml), as stored: the repository keeps them without outputs.
@@ -10,7 +12,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
@@ -19,6 +23,8 @@ from mkdocs.structure.files import File
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
+PACKAGE = REPO / "src" / "neurallm"
+LAYOUT_MARKER = "<!-- package layout -->"
 
 
 def _flags_table():
@@ -42,3 +48,20 @@ def on_files(files, config, **kwargs):
         files.append(File(f"notebooks/{notebook.name}", src_dir=str(REPO), dest_dir=config["site_dir"],
                           use_directory_urls=config["use_directory_urls"]))
     return files
+
+
+def package_layout() -> str:
+    """A table of every module under src/neurallm: its path and the first line of its docstring."""
+    rows = ["| module | what it is |", "| --- | --- |"]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        first = " ".join(docstring.split("\n\n")[0].split()).replace("|", "\\|")
+        first = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", first)  # Sphinx roles (:mod:`x`) read as plain code here
+        rows.append(f"| `{path.relative_to(PACKAGE.parent).as_posix()}` | {first} |")
+    return "\n".join(rows) + "\n"
+
+
+def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
+    if LAYOUT_MARKER in markdown:
+        return markdown.replace(LAYOUT_MARKER, package_layout())
+    return markdown

@@ -48,9 +48,9 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_run(corpus) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
-    """A 2-process run stopped by --max-time in its first epochs, then resumed under torchrun to 2 epochs."""
+    """A 2-process run stopped by --max-time after its first step (on any machine), then resumed under torchrun to 2 epochs."""
     root = corpus.parent
-    first = torchrun("train", "--data", str(corpus), "--out", "run", "--epochs", "2", "--max-time", "0.3", *DDP_FLAGS, cwd=root)
+    first = torchrun("train", "--data", str(corpus), "--out", "run", "--epochs", "2", "--max-time", "1e-9", *DDP_FLAGS, cwd=root)
     resumed = torchrun("train", "--out", "run", "--resume", "--epochs", "2", "--max-time", "1000", cwd=root)
     return root / "run", first, resumed
 
