@@ -2,8 +2,8 @@
 
 The table below is the list of mistakes covered; each row is ``(id, argv, setup, expected)``:
 
-* ``argv`` may contain ``{tmp}`` (a fresh folder), ``{run}`` (the session's trained word-level run, read-only) and ``{copy}`` (a copy
-  of that run at ``tmp/copy``, which the setup may damage);
+* ``argv`` may contain ``{tmp}`` (a fresh folder), ``{run}`` (the session's trained word-level run, read-only)
+  and ``{copy}`` (a copy of that run at ``tmp/copy``, which the setup may damage);
 * ``setup(tmp)`` writes the files the case needs;
 * ``expected`` is a substring of the one error line: the flag or file at fault, or the fix.
 

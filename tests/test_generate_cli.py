@@ -14,7 +14,6 @@ import pytest
 pytestmark = pytest.mark.integration  # each test runs `neurallm generate` in a subprocess and interrupts it
 
 
-
 def _start(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "neurallm", "generate", *argv, "--tokens", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
