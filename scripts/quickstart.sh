@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: set everything up (./.venv, neurallm, torch 2.13.0) and run the main job:
-# train a character LSTM on Tiny Shakespeare (about 3 minutes on two CPU cores), then sample from it.
+# train a character LSTM on Tiny Shakespeare (about 3 minutes on two CPU cores: --max-time 180 bounds the training),
+# then sample from it. It installs only what the main job needs (no server, ONNX, test or documentation tools).
 # The run goes to runs/shakespeare (replaced if it exists); extra arguments are passed to `neurallm train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The README's second command, and what CI runs: set up ./.venv if needed, then the default test suite
-# (about 5 minutes on two CPU cores). Extra arguments go to pytest, e.g. `./scripts/test.sh -m slow`.
+# The README's second command, and what CI runs: set up ./.venv with the dev extra if needed, run the default
+# test suite (everything but the `slow` marker), then build the documentation site as CI checks it
+# (mkdocs build --strict: a broken link or a stale generated page fails). Times: docs/development.md.
+# Extra arguments go to pytest, and then the docs build is skipped:
+#   ./scripts/test.sh -m "not slow and not integration"    the quick loop (no subprocess-heavy tests)
+#   ./scripts/test.sh -m slow                 the full-corpus checks
+#   ./scripts/test.sh tests/test_cli.py -x    one file
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup-venv.sh
+NEURALLM_INSTALL=dev . scripts/setup-venv.sh
 
 python -m pytest "$@"
+if [ $# -eq 0 ]; then
+    NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+fi

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Resolved, as neurallm resolves the data folders it finds (config.json records where a corpus was found): where
+# ../shared is a symlink (a CI layout, a worktree), an unresolved path would differ from every path neurallm reports.
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,19 +61,42 @@ TINY_MODEL = dict(emsize=16, nhid=16, nlayers=1, dropout=0.0, batch_size=4, bptt
                   eval_batch_size=2, seed=7)
 
 
+TRAINED_RUN_EPOCHS = 2  # `--resume --epochs TRAINED_RUN_EPOCHS + 1` trains one more epoch on a copy
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A tiny word-level LSTM trained for 2 epochs (metrics, curves.png, results.json all written).
+    """The session's one trained run: a tiny word-level LSTM, 2 epochs on ``trained_corpus``.
 
-    Shared by the session: tests that change a run must copy it first.
+    Every file a run writes is there (config, vocabulary, best and last checkpoints, metrics, curves.png,
+    results.json). It is shared by the whole session, so it is read-only: a test that changes a run takes
+    ``run_copy`` (or calls ``copy_run``) instead. Training it again in a module fixture costs seconds per module.
     """
     import neurallm
 
     root = tmp_path_factory.mktemp("trained-run")
     corpus = write_patterned_corpus(root / "corpus", lines=200)
-    settings = {**TINY_MODEL, "epochs": 2}
+    settings = {**TINY_MODEL, "epochs": TRAINED_RUN_EPOCHS}
     neurallm.train(corpus, root / "run", progress=False, **settings)
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_corpus(trained_run) -> Path:
+    """The train/valid/test folder ``trained_run`` was trained on (read-only)."""
+    return trained_run.parent / "corpus"
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    """A private copy of the run folder ``run`` at ``destination`` (which must not exist); returns it."""
+    shutil.copytree(run, destination)
+    return destination
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A fresh copy of ``trained_run`` in this test's temp folder, free to change or damage."""
+    return copy_run(trained_run, tmp_path / "run")
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 The table below is the list of mistakes covered; each row is ``(id, argv, setup, expected)``:
 
-* ``argv`` may contain ``{tmp}`` (a fresh folder), ``{run}`` (a trained word-level run) and ``{copy}`` (a copy
-  of that run at ``tmp/copy``, which the setup may damage);
+* ``argv`` may contain ``{tmp}`` (a fresh folder), ``{run}`` (the session's trained word-level run, read-only)
+  and ``{copy}`` (a copy of that run at ``tmp/copy``, which the setup may damage);
 * ``setup(tmp)`` writes the files the case needs;
 * ``expected`` is a substring of the one error line: the flag or file at fault, or the fix.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import neurallm
-from conftest import TINY_MODEL, write_patterned_corpus
+from conftest import TINY_MODEL, copy_run, write_patterned_corpus
 from neurallm.cli import main
 from neurallm.config import ModelConfig, RunConfig, TrainConfig
 from neurallm.data.sources import SourceSettings
@@ -329,27 +328,18 @@ if not torch.cuda.is_available():
     CASES += CPU_ONLY_CASES
 
 
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory) -> Path:
-    """A trained word-level run (one tiny epoch) that the eval/generate/resume cases point at."""
-    root = tmp_path_factory.mktemp("bad-input-run")
-    corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
-    return root / "run"
-
-
 def _argv(argv: list[str], tmp: Path, run: Path) -> list[str]:
     return [a.format(tmp=tmp, run=run, copy=tmp / "copy") for a in argv]
 
 
 @pytest.mark.parametrize("argv, setup, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_run, capsys):
+def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, trained_run, capsys):
     if any("{copy}" in a for a in argv):
-        shutil.copytree(word_run, tmp_path / "copy")
+        copy_run(trained_run, tmp_path / "copy")
     if setup is not None:
         setup(tmp_path)
     before = _listing(tmp_path / "copy")
-    code = main(_argv(argv, tmp_path, word_run))
+    code = main(_argv(argv, tmp_path, trained_run))
     err = capsys.readouterr().err
     assert code == 1
     assert len(err.splitlines()) == 1, err
@@ -391,6 +381,7 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neurallm", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
+@pytest.mark.integration
 def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     _latin1_file(tmp_path)
     for argv, expected in (
@@ -406,6 +397,7 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--debug", "explain", "--range", "5..1"], ["explain", "--debug", "--range", "5..1"]],
                          ids=["before-subcommand", "after-subcommand"])
+@pytest.mark.integration
 def test_debug_shows_the_traceback(argv, tmp_path):
     result = _cli(*argv, cwd=tmp_path)
     assert result.returncode != 0

@@ -1,5 +1,5 @@
 """The benchmark scripts still run against the current code (they print figures; these runs check only that they
-work end to end and print what the README quotes, on a tiny corpus)."""
+work end to end and print what docs/benchmarks.md quotes, on a tiny corpus)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import write_patterned_corpus
+
+pytestmark = pytest.mark.integration  # each test runs a benchmark script in a subprocess
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the page is driven in a real browser
+
 pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
 

@@ -1,6 +1,6 @@
 """The GPU path, on a real CUDA GPU: ``python -m pytest tests/test_cuda.py`` on a machine with one.
 
-Without a GPU every test here is skipped (CI has none); the README gives the figures and the GPU these last ran on.
+Without a GPU every test here is skipped (CI has none); docs/benchmarks.md (GPU) gives the figures and the GPU these last ran on.
 """
 
 from __future__ import annotations

@@ -27,13 +27,9 @@ def relative_gap(a: float, b: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained_lstm(tmp_path_factory):
-    from conftest import write_patterned_corpus
-
-    folder = tmp_path_factory.mktemp("eval")
-    corpus = write_patterned_corpus(folder / "corpus", lines=400)
-    neurallm.train(corpus, folder / "run", model="LSTM", progress=False, **TINY_MODEL)
-    run = neurallm.load_run(folder / "run")
+def trained_lstm(trained_run):
+    """The session's trained LSTM (loaded, not trained again) and its test split's ids."""
+    run = neurallm.load_run(trained_run)
     return run, run.eval_data().ids("test")
 
 

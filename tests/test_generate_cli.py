@@ -8,20 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-import neurallm
-from conftest import TINY_MODEL, write_patterned_corpus
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("generate-cli")
-    corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
-    return root / "run"
+pytestmark = pytest.mark.integration  # each test runs `neurallm generate` in a subprocess and interrupts it
 
 
 def _start(*argv: str) -> subprocess.Popen:
@@ -40,8 +30,8 @@ def _interrupt_when(process: subprocess.Popen, ready, timeout: float = 120) -> t
     return out, err.decode()
 
 
-def test_ctrl_c_keeps_the_text_printed_so_far(run):
-    process = _start(str(run))
+def test_ctrl_c_keeps_the_text_printed_so_far(trained_run):
+    process = _start(str(trained_run))
     # text arrives while the million tokens are still being made
     readable, _, _ = select.select([process.stdout], [], [], 60)
     assert readable, "no text after 60 s: the output is not streamed"
@@ -51,9 +41,9 @@ def test_ctrl_c_keeps_the_text_printed_so_far(run):
     assert err.count("\n") == 1 and "interrupted; wrote the" in err and "Traceback" not in err
 
 
-def test_ctrl_c_keeps_what_was_made_in_the_out_file(run, tmp_path):
+def test_ctrl_c_keeps_what_was_made_in_the_out_file(trained_run, tmp_path):
     target = tmp_path / "sample.txt"
-    process = _start(str(run), "--out", str(target))
+    process = _start(str(trained_run), "--out", str(target))
     temp_files = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".sample.txt.") and p.stat().st_size > 200]
     _, err = _interrupt_when(process, lambda: bool(temp_files()))
     made = int(err.split("wrote the ")[1].split(" tokens")[0].replace(",", ""))

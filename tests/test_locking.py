@@ -29,6 +29,7 @@ def holder(tmp_path):
     process.wait()
 
 
+@pytest.mark.integration
 def test_a_second_process_is_refused_with_the_holders_pid(holder):
     folder, process = holder
     with pytest.raises(FolderInUseError, match=f"in use by another neurallm process \\(PID {process.pid}, writing a test\\)"):
@@ -37,6 +38,7 @@ def test_a_second_process_is_refused_with_the_holders_pid(holder):
         check_not_locked(folder)
 
 
+@pytest.mark.integration
 def test_the_lock_of_a_killed_process_is_free_at_once(holder):
     folder, process = holder
     os.kill(process.pid, signal.SIGKILL)

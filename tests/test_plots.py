@@ -87,6 +87,7 @@ def test_character_runs_and_mixed_levels_plot_too(levels, tmp_path):
     assert out.read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.integration
 def test_plot_is_a_light_command_that_never_imports_torch(trained_run, tmp_path):
     import subprocess
     import sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -21,12 +22,43 @@ def test_every_preset_is_a_valid_set_of_settings(name):
             cls(**{"vocab_size": 100} if cls.__name__ == "ModelConfig" else {}, **part)
 
 
-def test_the_paper_configurations_are_the_published_ones():
-    assert {k: PRESETS["pe-medium"].settings[k] for k in ("emsize", "nhid", "dropout")} == {"emsize": 650, "nhid": 650, "dropout": 0.5}
-    assert PRESETS["pe-large"].settings["nhid"] == 1500
-    awd = PRESETS["awd-wt2"].settings
-    assert (awd["model"], awd["nhid"], awd["emsize"], awd["nlayers"], awd["optimizer"]) == ("AWD_LSTM", 1150, 400, 3, "ntasgd")
-    assert (awd["dropouti"], awd["dropouth"], awd["wdrop"], awd["alpha"], awd["beta"]) == (0.65, 0.2, 0.5, 2.0, 1.0)
+# How a preset's one-line summary (shown by --help and the docs) states a setting: pattern → the settings its groups
+# give. The test below reads each summary with these and compares with the bundle, so the values live in one place
+# (neurallm/presets.py) and what a user is told a preset sets is what it sets.
+STATED = [
+    (r"(\d+)x(\d+) LSTM", ("nlayers", "nhid")),
+    (r"(\d+)-layer AWD_LSTM (\d+)/(\d+)", ("nlayers", "nhid", "emsize")),
+    (r"\bdropout ([\d.]+)", ("dropout",)),
+    (r"\bdropouti ([\d.]+)", ("dropouti",)),
+    (r"\bdropouth ([\d.]+)", ("dropouth",)),
+    (r"\blr ([\d.]+)", ("lr",)),
+    (r"\bAdamW ([\d.]+e-\d+)", ("lr",)),
+    (r"\bweight decay ([\d.]+)", ("weight_decay",)),
+    (r"\bbatch (\d+)", ("batch_size",)),
+    (r"\bbptt (\d+)", ("bptt",)),
+    (r"(\d+) epochs", ("epochs",)),
+    (r"adaptive softmax (\d+),(\d+)", ("cutoffs", "cutoffs")),
+]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_what_a_presets_summary_says_it_sets_is_what_it_sets(name):
+    summary, settings = PRESETS[name].summary, PRESETS[name].settings
+    stated = 0
+    for pattern, names in STATED:
+        for match in re.finditer(pattern, summary):
+            if names == ("cutoffs", "cutoffs"):
+                assert settings["adaptive_softmax"] is True and tuple(settings["cutoffs"]) == tuple(map(int, match.groups()))
+            else:
+                for setting, text in zip(names, match.groups()):
+                    assert float(settings[setting]) == float(text), f"{name}: the summary says {setting} {text}"
+            stated += 1
+    if re.search(r"\btied\b", summary):
+        assert settings["tied"] is True, f"{name}: the summary says tied"
+    optimizers = {"NT-ASGD": "ntasgd", "AdamW": "adamw", "SGD": "sgd"}
+    said = next((optimizer for word, optimizer in optimizers.items() if word in summary), None)
+    assert said is None or settings["optimizer"] == said, f"{name}: the summary says {said}"
+    assert stated >= 2, f"{name}: its summary states almost none of its settings: {summary!r}"
 
 
 def test_explicit_settings_override_the_preset():

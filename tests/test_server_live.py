@@ -81,6 +81,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_the_serve_command_listens_on_127_0_0_1_and_stops_on_ctrl_c(trained_run):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "neurallm", "serve", str(trained_run), "--port", str(port), "--max-tokens", "5"],

@@ -15,12 +15,15 @@ import pytest
 
 from conftest import write_patterned_corpus
 
+pytestmark = pytest.mark.integration  # each test probes a fresh interpreter's imports in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 # runs the CLI in-process and reports which heavy modules it imported
 PROBE = """
 import json, sys
 from neurallm.cli import main
+
 try:
     code = main(sys.argv[1:])
 except SystemExit as exit:

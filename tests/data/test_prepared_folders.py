@@ -216,6 +216,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.integration
 def test_a_full_disk_during_prepare_is_one_line_and_keeps_the_previous_folder(small_disk, shared_data, tmp_path):
     out = small_disk / "prepared"
     prepare(_corpus(tmp_path / "corpus", 60, 1), out)

@@ -31,28 +31,14 @@ from neurallm.cli import main
 from neurallm.errors import RunDirError
 from neurallm.fileio import atomic_write, atomic_write_text
 
-from conftest import TINY_MODEL, write_patterned_corpus
+from conftest import TINY_MODEL, TRAINED_RUN_EPOCHS, write_patterned_corpus
 
 SRC = Path(neurallm.__file__).resolve().parent
 RUN_FILES = {"config.json", "vocab.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "results.json"}
 LOCK_FILE = ".neurallm.lock"  # a killed process leaves it; the kernel has released its lock
 # neurallm's own temp files (.NAME.XXXX.tmp) and safetensors' (.tmpXXXXXX: its writer also goes through a temp file)
+NEXT_EPOCH = str(TRAINED_RUN_EPOCHS + 1)  # `--resume --epochs NEXT_EPOCH` trains one more epoch of the session run
 TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\..+\.tmp$|^\.tmp\w{6}$")
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_patterned_corpus(root / "corpus", lines=60)
-    neurallm.train(corpus, root / "run", **{**TINY_MODEL, "eval_context": 8})
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
 
 
 # --- atomic writes -------------------------------------------------------------------------------------------
@@ -111,6 +97,7 @@ def _check_run_is_usable(run: Path, capsys) -> None:
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.integration
 def test_kill_9_at_random_moments_leaves_a_run_that_eval_generate_and_resume_accept(tmp_path, capsys):
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=150)
     run = tmp_path / "run"
@@ -173,13 +160,14 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-# last.safetensors: its 3rd write (after step 3 of epoch 2); model.safetensors: its 1st write, at the end of
-# epoch 2 (which improves on epoch 1, so the best model is saved)
+# last.safetensors: its 3rd write (after step 3 of the resumed epoch); model.safetensors: its 1st write, at the end
+# of the resumed epoch (which improves on the ones before, so the best model is saved)
 @pytest.mark.parametrize("target, count", [("last.safetensors", 3), ("model.safetensors", 1)])
+@pytest.mark.integration
 def test_kill_9_in_the_middle_of_a_checkpoint_write(run_copy, capsys, target, count):
     """The worst moment, made certain: the process dies with a half-written checkpoint on disk."""
     run = run_copy
-    argv = ["train", "--out", str(run), "--resume", "--epochs", "2", "--save-every", "0", "--no-progress"]
+    argv = ["train", "--out", str(run), "--resume", "--epochs", NEXT_EPOCH, "--save-every", "0", "--no-progress"]
     result = subprocess.run([sys.executable, "-c", DIE_WHILE_WRITING, target, str(count), *argv],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -224,7 +212,7 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(run_copy, tm
     checkpoint = "best" if name == "model.safetensors" else "last"
     commands = [["eval", str(run_copy), "--checkpoint", checkpoint], ["generate", str(run_copy), "--checkpoint", checkpoint]]
     if name == "last.safetensors":
-        commands.append(["train", "--out", str(run_copy), "--resume", "--epochs", "2"])
+        commands.append(["train", "--out", str(run_copy), "--resume", "--epochs", NEXT_EPOCH])
     for argv in commands:
         capsys.readouterr()
         assert main(argv) == 1
@@ -238,7 +226,7 @@ def test_pickles_planted_beside_the_checkpoints_are_ignored(run_copy, tmp_path, 
         torch.save(Payload(marker), run_copy / name)
     assert main(["eval", str(run_copy), "--json"]) == 0
     assert main(["generate", str(run_copy), "--tokens", "3"]) == 0
-    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", NEXT_EPOCH, "--no-progress"]) == 0
     assert not marker.exists()
 
 
@@ -298,13 +286,13 @@ def test_a_checkpoint_from_another_run_is_refused_on_resume(run_copy, tmp_path):
                    **{**TINY_MODEL, "eval_context": 8, "nhid": 24})
     shutil.copy(other / "last.safetensors", run_copy / "last.safetensors")
     with pytest.raises(RunDirError, match="last.safetensors: weight .* has shape"):
-        neurallm.train(None, run_copy, resume=True, epochs=2)
+        neurallm.train(None, run_copy, resume=True, epochs=TRAINED_RUN_EPOCHS + 1)
 
 
 def test_weights_without_training_state_cannot_be_resumed(run_copy):
     shutil.copy(run_copy / "model.safetensors", run_copy / "last.safetensors")
     with pytest.raises(RunDirError, match="holds no training state"):
-        neurallm.train(None, run_copy, resume=True, epochs=2)
+        neurallm.train(None, run_copy, resume=True, epochs=TRAINED_RUN_EPOCHS + 1)
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -367,7 +355,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_chec
         raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
 
     monkeypatch.setattr(ckpt, "save_file", fill_the_disk)
-    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--save-every", "0", "--no-progress"]) == 1
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", NEXT_EPOCH, "--save-every", "0", "--no-progress"]) == 1
     err = _one_error_line(capsys)
     assert "no space left on the device" in err.lower()
     monkeypatch.setattr(ckpt, "save_file", real_save_file)

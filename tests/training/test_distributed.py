@@ -49,13 +49,14 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_run(corpus) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
-    """A 2-process run stopped by --max-time in its first epochs, then resumed under torchrun to 2 epochs."""
+    """A 2-process run stopped by --max-time after its first step (on any machine), then resumed under torchrun to 2 epochs."""
     root = corpus.parent
-    first = torchrun("train", "--data", str(corpus), "--out", "run", "--epochs", "2", "--max-time", "0.3", *DDP_FLAGS, cwd=root)
+    first = torchrun("train", "--data", str(corpus), "--out", "run", "--epochs", "2", "--max-time", "1e-9", *DDP_FLAGS, cwd=root)
     resumed = torchrun("train", "--out", "run", "--resume", "--epochs", "2", "--max-time", "1000", cwd=root)
     return root / "run", first, resumed
 
 
+@pytest.mark.integration
 def test_torchrun_trains_resumes_and_evaluates_as_one_process_does(two_process_run):
     run, first, resumed = two_process_run
     # one run directory, written by rank 0 only, and one copy of each line (only rank 0 prints)
@@ -81,6 +82,7 @@ def test_torchrun_trains_resumes_and_evaluates_as_one_process_does(two_process_r
     assert all("mfu" in r for r in records)
 
 
+@pytest.mark.integration
 def test_resuming_with_another_number_of_processes_is_refused_with_one_line(two_process_run, tmp_path):
     import shutil
 
@@ -93,6 +95,7 @@ def test_resuming_with_another_number_of_processes_is_refused_with_one_line(two_
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_resumed_torchrun_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(two_process_run, corpus):
     run, _, _ = two_process_run
     torchrun("train", "--data", str(corpus), "--out", "straight", "--epochs", "2", *DDP_FLAGS, cwd=corpus.parent)
@@ -288,6 +291,7 @@ def test_a_compiled_run_trains_and_loads_without_compile(tmp_path):
     assert neurallm.load_run(tmp_path / "run", device="cpu").evaluate(split="test").tokens > 0
 
 
+@pytest.mark.integration
 def test_sigterm_stops_training_cleanly_and_a_second_one_does_not_abort():
     """torchrun turns a Ctrl-C into SIGTERM for its workers: that must be a clean stop, never an abort."""
     import signal

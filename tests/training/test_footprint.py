@@ -36,6 +36,7 @@ def test_the_count_is_the_built_models_own_and_the_cheap_bound_is_above_it(setti
     assert parameter_count(config) <= parameter_bound(config)
 
 
+@pytest.mark.integration
 def test_a_model_far_from_the_limit_is_not_built_on_the_meta_device(tmp_path):
     # initialising meta tensors imports sympy: 73 MB that an ordinary training run should not carry
     code = ("import sys, torch; from pathlib import Path; from neurallm.config import ModelConfig, TrainConfig; "

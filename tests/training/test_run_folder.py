@@ -77,6 +77,7 @@ def training(corpus, tmp_path):
     running.stop()
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_with_the_pid_and_the_run_is_left_alone(training, corpus, capsys):
     out, pid = training.out, training.process.pid
     stray = out / ".last.safetensors.from-the-live-run.tmp"  # stands for the live process's half-written checkpoint
@@ -91,6 +92,7 @@ def test_a_second_writer_is_refused_with_the_pid_and_the_run_is_left_alone(train
     assert training.process.poll() is None
 
 
+@pytest.mark.integration
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(training, capsys):
     training.process.send_signal(signal.SIGTERM)
     code, log, err = training.finish()
@@ -102,6 +104,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(training, capsys):
     assert main(["train", "--out", str(training.out), "--resume", "--max-time", "0.01", "--no-progress"]) == 0
 
 
+@pytest.mark.integration
 def test_a_run_folder_deleted_while_training_is_not_recreated(training):
     for _ in range(50):  # the trainer may be writing a temp file while the folder goes: delete until gone
         shutil.rmtree(training.out, ignore_errors=True)
@@ -146,6 +149,7 @@ def test_force_refuses_a_folder_whose_config_is_not_a_runs(corpus, tmp_path, cap
     assert (model / "model.safetensors").read_bytes() == b"weights someone downloaded"
 
 
+@pytest.mark.integration
 def test_force_replaces_a_run_with_its_leftover_temp_files(corpus, tmp_path, capsys):
     out = _run(corpus, tmp_path / "run")
     (out / ".model.safetensors.abc123.tmp").write_bytes(b"left by a kill")

@@ -56,6 +56,7 @@ def test_a_state_dict_of_other_parameters_or_with_momentum_is_refused():
         ours.load_state_dict(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9).state_dict())
 
 
+@pytest.mark.integration
 def test_training_an_lstm_with_sgd_does_not_import_torch_dynamo():
     """torch._dynamo (and sympy) cost ~73 MB and ~2 s; only --compile, AdamW and a Transformer with memory need it."""
     code = """

@@ -19,7 +19,7 @@ def prepare(data: str | Path, out: str | Path | None = None, **settings) -> Prep
         data: folder, file or registered dataset name.
         out: folder to write (new, empty, or an earlier output of prepare); default a cache folder keyed by the
             data and settings.
-        **settings: fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
+        **settings (object): fields of ``SourceSettings`` (format, text_column, text_field, split_ratios, encoding),
             ``TokenizerSettings`` (level, lowercase, strip_punctuation) and ``VocabSettings`` (min_freq, max_vocab);
             ``neurallm prepare --help`` lists them all.
     """
