@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neurallm import __version__
+from neurallm._version import __version__
 from neurallm.config import (
     CACHE_LAMBDA, CACHE_THETA, CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, DYNAMIC_DECAY, DYNAMIC_LR, EVAL_BATCH_SIZE,
     TRAIN_SETTINGS, ModelConfig, TrainConfig,

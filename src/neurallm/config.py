@@ -176,6 +176,9 @@ class TrainConfig:
                        "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
                        choices=AMP_MODES)
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)", resumable=True)
+    tensorboard: bool = setting(False, help="also write the training scalars (loss, ppl, lr, tokens/s, MFU; the metrics.jsonl "
+                                             "records) as TensorBoard event files in RUN/tensorboard/ (needs the "
+                                             "tensorboard extra)")
 
     def __post_init__(self) -> None:
         _require(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
