@@ -41,13 +41,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from neurallm.config import ModelConfig, RunConfig
+from neurallm.config import ModelConfig
 from neurallm.data.bpe import TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.vocab import Vocab
 from neurallm.errors import ConfigError, RunDirError, TrainingError
 from neurallm.fileio import atomic_write, atomic_write_json, atomic_write_text, is_temp_file
 from neurallm.locking import LOCK_FILE, FolderLock, check_not_locked, lock_folder
 from neurallm.models import build_model
+from neurallm.run_config import RunConfig
 from neurallm.training.optim import Optimizer
 
 CONFIG_FILE = "config.json"

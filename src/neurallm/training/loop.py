@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 
 from neurallm._version import __version__
-from neurallm.config import RunConfig
 from neurallm.data.stream import PreparedCorpus
 from neurallm.data.training_batches import local_batch_size, training_batches
 from neurallm.distributed import SINGLE, Ranks
@@ -51,6 +50,7 @@ from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model, count_parameters
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
+from neurallm.run_config import RunConfig
 from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.epoch_record import epoch_line, epoch_record
