@@ -80,7 +80,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     ``-`` (``eval_context`` is ``--context``). With ``resume=True`` the run continues from ``last.safetensors``;
     only the settings declared resumable (``epochs``, ``max_time``) may differ from the saved configuration.
 
-    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
+    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). The global random
+    generators (Python, NumPy, torch) are seeded for the run and given back as they were. Unlike the CLI, this
     function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
     the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
