@@ -128,3 +128,15 @@ def test_without_the_package_it_is_one_line_before_any_run_folder_is_made(corpus
 def test_without_the_flag_no_tensorboard_folder_is_written(corpus, tmp_path):
     neurallm.train(corpus, tmp_path / "run", progress=False, **{**SETTINGS, "tensorboard": False, "epochs": 1})
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_under_torchrun_only_rank_0_writes_the_curves(corpus, tmp_path):
+    from training.test_distributed import DDP_FLAGS, torchrun
+
+    torchrun("train", "--data", str(corpus), "--out", "run", "--epochs", "2", "--tensorboard", *DDP_FLAGS, cwd=tmp_path)
+    run = tmp_path / "run"
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer: rank 0's
+    curves = read_curves(run)
+    assert [v for _, v in curves["epoch/valid_loss"]] == pytest.approx([r["valid_loss"] for r in metrics(run)], rel=1e-6)
+    # the figures of all ranks together, at rank 0's step count (each rank trains its own half of the columns)
+    assert [v for _, v in curves["epoch/tokens_per_s"]] == pytest.approx([r["tokens_per_s"] for r in metrics(run)], rel=1e-6)
