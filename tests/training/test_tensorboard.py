@@ -140,3 +140,16 @@ def test_under_torchrun_only_rank_0_writes_the_curves(corpus, tmp_path):
     assert [v for _, v in curves["epoch/valid_loss"]] == pytest.approx([r["valid_loss"] for r in metrics(run)], rel=1e-6)
     # the figures of all ranks together, at rank 0's step count (each rank trains its own half of the columns)
     assert [v for _, v in curves["epoch/tokens_per_s"]] == pytest.approx([r["tokens_per_s"] for r in metrics(run)], rel=1e-6)
+
+
+def test_a_tensorboard_symlink_in_a_run_is_never_followed(corpus, uninterrupted, tmp_path):
+    import shutil
+
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(uninterrupted, run)
+    shutil.move(run / "tensorboard", elsewhere)
+    (run / "tensorboard").symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    with pytest.raises(neurallm.RunDirError, match="tensorboard is not a folder of TensorBoard event files"):
+        neurallm.train(None, run, resume=True, epochs=3)
+    assert sorted(p.name for p in elsewhere.iterdir()) == before

@@ -22,7 +22,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from neurallm.errors import ConfigError
+from neurallm.errors import ConfigError, RunDirError
 from neurallm.training.checkpoint import TENSORBOARD_DIR
 from neurallm.training.progress import ProgressPoint
 
@@ -49,7 +49,12 @@ class TensorBoardLog:
     def __init__(self, run_dir: Path, resumed_at: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR),
+        folder = Path(run_dir) / TENSORBOARD_DIR
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            # a symlink would send the events (and TensorBoard's purge) somewhere outside the run: never followed
+            raise RunDirError(f"{folder} is not a folder of TensorBoard event files (a symlink or a file); move it away "
+                              "to resume with --tensorboard")
+        self.writer = SummaryWriter(str(folder),
                                     purge_step=None if resumed_at is None else resumed_at + 1)
 
     def progress(self, step: int, point: ProgressPoint) -> None:
