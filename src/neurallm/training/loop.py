@@ -2,8 +2,8 @@
 
 The loop knows nothing about a particular model: it uses only the model contract
 (:mod:`neurallm.models.contract`). ``self.model`` is the language model itself (state, checkpoints,
-evaluation); ``self.step_model`` is what a training step calls, the same model or a wrapper standing in for it
-(DistributedDataParallel, ``torch.compile``). Each step goes through :func:`neurallm.training.step.training_step`.
+evaluation); ``self.step_models`` says what a training step calls, the same model or a wrapper standing in for
+it (DistributedDataParallel, ``torch.compile``). Each step goes through :func:`neurallm.training.step.training_step`.
 It writes nothing but the run directory, through :mod:`neurallm.training.checkpoint`.
 
 Read it top to bottom: ``__init__`` sets the run up, one job per ``_setup_*`` method (as torchtune's recipes do);
@@ -24,10 +24,10 @@ Numerical faults: a non-finite loss or gradient skips the step, restores the wei
 checkpoints intact. On the CPU each step is checked at once; on an accelerator the check is read back once per
 ``--log-interval`` (and before every checkpoint), so the device never waits for the host in between.
 
-Under ``torchrun`` (:mod:`neurallm.distributed`) every rank runs this loop on its own columns, ``step_model``
-is the DistributedDataParallel wrapper, and every branch that could differ between ranks (a fault, Ctrl-C or
+Under ``torchrun`` (:mod:`neurallm.distributed`) every rank runs this loop on its own columns, the step calls
+the DistributedDataParallel wrapper, and every branch that could differ between ranks (a fault, Ctrl-C or
 SIGTERM, --max-time, a checkpoint being due) is decided with one small all_reduce at the check windows. Rank 0
-alone writes the run directory and prints; the checkpoint holds every rank's carried state and RNG states.
+alone writes the run directory (and the TensorBoard curves) and prints; the checkpoint holds every rank's carried state and RNG states.
 """
 
 from __future__ import annotations
