@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 import neurallm
 from conftest import TINY_MODEL, copy_run, write_patterned_corpus
 from neurallm.cli import main
-from neurallm.config import ModelConfig, RunConfig, TrainConfig
+from neurallm.config import ModelConfig, TrainConfig
+from neurallm.run_config import RunConfig
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import VocabSettings, load_prepared
 from neurallm.data.tokenizers import TokenizerSettings

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_patterned_corpus
 from neurallm.cli import build_parser, main
-from neurallm.config import TRAIN_SETTINGS
+from neurallm.run_config import TRAIN_SETTINGS
 from neurallm.presets import PRESETS, with_preset
 from neurallm.settings import split_settings
 

@@ -10,7 +10,8 @@ import pytest
 
 import neurallm
 from neurallm.cli import add_setting_flags, build_parser, given_settings
-from neurallm.config import DATA_SETTINGS, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.config import ModelConfig, TrainConfig
+from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings

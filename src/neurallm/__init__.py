@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from neurallm._version import __version__
 
 # public name → the module that defines it
 _LAZY = {

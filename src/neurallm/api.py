@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.config import EvalConfig, EvalMethods, LoadSettings, ModelConfig, ScoreConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
@@ -36,6 +36,7 @@ from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, eval
 from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model, count_parameters
+from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
 from neurallm.runtime import pick_device
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
@@ -90,7 +91,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     line (a stalled peer; a dead one is reported at once); a group that ``torchrun --max-restarts N`` restarts
     resumes the run it started from its last checkpoint without ``resume`` (:mod:`neurallm.elastic`).
 
-    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). Unlike the CLI, this
+    Progress lines go to the ``neurallm`` logger (:mod:`logging`; the CLI prints them). The global random
+    generators (Python, NumPy, torch) are seeded for the run and given back as they were. Unlike the CLI, this
     function leaves the process's memory allocator alone: call :func:`neurallm.keep_freed_memory` once first for
     the CLI's CPU training speed (nearly twice as fast), at the cost of the process keeping freed memory.
     """
@@ -295,20 +297,28 @@ class Run:
         source = SourceSettings(**{**base, **overrides})
         return prepare_corpus(source, self.config.tokenizer, vocab=self.vocab, splits=splits)
 
-    def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
-                 context: int | None = None, naive: bool = False, cache_pointer: CachePointerSettings | None = None,
-                 dynamic: DynamicSettings | None = None, **source_settings) -> EvalResult:
+    def evaluate(self, data: str | Path | None = None, **settings) -> EvalResult:
         """Loss, perplexity and tokens scored on a split (exact method unless ``naive``; with a cache pointer or
         dynamic evaluation when their settings are given), with the share of its tokens that became ``<unk>`` (a
-        warning is logged above :data:`UNK_WARN_SHARE`)."""
+        warning is logged above :data:`UNK_WARN_SHARE`).
+
+        ``settings`` are the fields of :class:`~neurallm.config.EvalConfig` (split, batch_size, context, naive),
+        :class:`~neurallm.config.EvalMethods` (cache_pointer, theta, lambda_, dynamic, dynamic_lr, dynamic_decay,
+        dynamic_window) and ``SourceSettings`` (how to read other ``data``): the flags of ``neurallm eval``.
+        """
+        evaluation, methods, source_settings = split_settings(settings, EvalConfig, EvalMethods, SourceSettings, what="evaluate")
+        evaluation, methods = EvalConfig(**evaluation), EvalMethods(**methods)
+        split, batch_size, context = evaluation.split, evaluation.batch_size, evaluation.context
         corpus = self.eval_data(data, splits=(split,), **source_settings)
         ids = corpus.ids(split)
         bptt = self.config.train.bptt
-        if cache_pointer is not None:
-            result = evaluate_cache_pointer(self.model, ids, cache_pointer, batch_size=batch_size, bptt=bptt, context=context)
-        elif dynamic is not None:
+        if methods.cache_pointer is not None:
+            pointer = CachePointerSettings(methods.cache_pointer, methods.theta, methods.lambda_)
+            result = evaluate_cache_pointer(self.model, ids, pointer, batch_size=batch_size, bptt=bptt, context=context)
+        elif methods.dynamic:
+            dynamic = DynamicSettings(methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window or bptt)
             result = evaluate_dynamic(self.model, ids, dynamic)
-        elif naive:
+        elif evaluation.naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
@@ -317,24 +327,33 @@ class Run:
         warn_if_many_unknown(result.unk_share, f"{split} tokens of {corpus.meta.get('source', {}).get('data', data)}")
         return result
 
-    def score(self, texts: list[str], *, independent: bool = False, context: int | None = None) -> list[TextScore]:
+    def score(self, texts: list[str], **settings) -> list[TextScore]:
         """Log-probability of each text, line by line, by exact evaluation's rules (:mod:`neurallm.scoring`).
 
         Each text is one document whose lines are read with the lines before them as context (``independent``:
         each line alone). A warning is logged when more than :data:`UNK_WARN_SHARE` of the tokens are ``<unk>``.
+        ``settings`` are the fields of :class:`~neurallm.config.ScoreConfig` (independent, context).
         """
         if isinstance(texts, str):
             raise ConfigError("Run.score takes a list of texts; wrap a single text as [text]")
-        scores = score_texts(self.model, self.vocab, self.config.tokenizer, list(texts), independent=independent,
-                             bptt=self.config.train.bptt, context=context)
+        [given] = split_settings(settings, ScoreConfig, what="score")
+        config = ScoreConfig(**given)
+        scores = score_texts(self.model, self.vocab, self.config.tokenizer, list(texts), independent=config.independent,
+                             bptt=self.config.train.bptt, context=config.context)
         tokens = sum(len(score.tokens) for score in scores)
         warn_if_many_unknown(sum(score.unknown for score in scores) / max(1, tokens), "scored tokens")
         return scores
 
-    def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, *, split: str = "test",
-                            context: int | None = None, **source_settings) -> list[dict]:
-        ids = self.eval_data(data, splits=(split,), **source_settings).ids(split)
-        return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=context)
+    def compare_batch_sizes(self, batch_sizes: list[int], data: str | Path | None = None, **settings) -> list[dict]:
+        """Naive against exact perplexity per batch size (``neurallm eval --compare-batch-sizes``); ``settings``:
+        ``split`` and ``context`` of :class:`~neurallm.config.EvalConfig`, and ``SourceSettings``."""
+        evaluation, source_settings = split_settings(settings, EvalConfig, SourceSettings, what="compare_batch_sizes")
+        unused = set(evaluation) - {"split", "context"}
+        if unused:
+            raise ConfigError(f"compare_batch_sizes compares batch sizes and methods itself; drop {', '.join(sorted(unused))}")
+        evaluation = EvalConfig(**evaluation)
+        ids = self.eval_data(data, splits=(evaluation.split,), **source_settings).ids(evaluation.split)
+        return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=evaluation.context)
 
     def generate(self, prompt: str = "", *, tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 1111, context: int | None = None,
@@ -346,18 +365,20 @@ class Run:
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context, on_text=on_text)
 
 
-def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Run:
-    """Load a run directory's model (``best``: model.safetensors, ``last``: last.safetensors).
+def load_run(run_dir: str | Path, **settings) -> Run:
+    """Load a run directory's model; ``settings`` are :class:`~neurallm.config.LoadSettings`' fields: ``checkpoint``
+    (``best``: model.safetensors, ``last``: last.safetensors) and ``device``.
 
     An NT-ASGD run that has begun averaging is scored, like its validation, with the averaged weights: ``last``
     then loads the running average saved beside the raw weights."""
+    [given] = split_settings(settings, LoadSettings, what="load_run")
+    load = LoadSettings(**given)
+    checkpoint, device = load.checkpoint, load.device
     folder = Path(run_dir)
     config = runfolder.read_run_config(folder)
     vocab = runfolder.read_vocab(folder, config.tokenizer)
     if len(vocab) != config.model.vocab_size:
         raise RunDirError(f"{folder}: vocab.json has {len(vocab)} tokens but config.json says {config.model.vocab_size}; the run directory is inconsistent")
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     path = folder / (runfolder.BEST_FILE if checkpoint == "best" else runfolder.LAST_FILE)
     weights.check_weights_fit(path, config.model)  # header against config before a byte of the model is allocated
     model = build_model(config.model)

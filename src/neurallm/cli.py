@@ -22,29 +22,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neurallm import __version__
+from neurallm._version import __version__
 from neurallm.config import (
-    CACHE_LAMBDA, CACHE_THETA, CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, DYNAMIC_DECAY, DYNAMIC_LR, EVAL_BATCH_SIZE,
-    TRAIN_SETTINGS, ModelConfig, TrainConfig,
+    CONTEXT_HELP, EvalConfig, EvalMethods, EvalReport, ExplainConfig, LoadSettings, ModelConfig, ScoreConfig, ScoreInput,
+    TrainConfig,
 )
+from neurallm.data.settings import DATA_SETTINGS
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.elastic import DEFAULT_DDP_TIMEOUT
 from neurallm.errors import ConfigError, NeurallmError, PeerLostError
+from neurallm.run_config import TRAIN_SETTINGS
 from neurallm.settings import Setting, format_value, settings_of
 
 DEFAULT_TOKENS = 1000
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes like 1,5,10,20,80, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return values
 
 
 def _with_default(help_text: str, default) -> str:
@@ -114,14 +106,19 @@ def _add_context_flag(p: argparse.ArgumentParser, default_text: str, *, default:
     p.add_argument("--context", type=int, default=default, help=f"{CONTEXT_HELP} (default: {default_text})")
 
 
+def _add_load_flag(p, name: str) -> None:
+    """A flag of :class:`LoadSettings` whose value is its default unless given (the commands pass it on as it is)."""
+    [s] = [s for s in settings_of(LoadSettings) if s.name == name]
+    add_setting_flag(p, s)
+    p.set_defaults(**{s.name: s.default})
+
+
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=DEVICES, help=_with_default("where to run", "auto"))
+    _add_load_flag(p, "device")
 
 
 def _add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help=_with_default("best: model.safetensors (best on validation); last: last.safetensors (an NT-ASGD run "
-                                      "that has begun averaging: its running average, which validation scores)", "best"))
+    _add_load_flag(p, "checkpoint")
 
 
 # --- subcommands: one function adds the flags, one runs it ------------------------------------------------------
@@ -228,39 +225,20 @@ def _onnx_exporter() -> Callable[[Path, Path], object]:
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     _add_data_flags(p, data_default="the run's own corpus")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--split", choices=["train", "valid", "test"], default="test", help=_with_default("split to score", "test"))
-    g.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
-                   help=_with_default("columns evaluated in parallel (does not change the exact result)", EVAL_BATCH_SIZE))
-    _add_context_flag(g, CONTEXT_AUTO)
-    g.add_argument("--naive", action="store_true", help="the PyTorch example's method (its result depends on --batch-size)")
-    m = p.add_argument_group("evaluation-time methods (README: Cache pointer and dynamic evaluation)")
-    m.add_argument("--cache-pointer", type=int, metavar="N",
-                   help="mix in a continuous cache pointer over the last N hidden states (default: off)")
-    m.add_argument("--theta", type=float, default=CACHE_THETA, help=_with_default("cache pointer: sharpness of the match", CACHE_THETA))
-    m.add_argument("--lambda", dest="lambda_", type=float, default=CACHE_LAMBDA,
-                   help=_with_default("cache pointer: weight of the cache in the mixture", CACHE_LAMBDA))
-    m.add_argument("--dynamic", action="store_true", help="dynamic evaluation: adapt the weights to each window after scoring it (one column)")
-    m.add_argument("--dynamic-lr", type=float, default=DYNAMIC_LR,
-                   help=_with_default("dynamic evaluation: SGD learning rate (tune it on --split valid)", DYNAMIC_LR))
-    m.add_argument("--dynamic-decay", type=float, default=DYNAMIC_DECAY,
-                   help=_with_default("dynamic evaluation: pull back towards the trained weights per window", DYNAMIC_DECAY))
-    m.add_argument("--dynamic-window", type=int, metavar="TOKENS",
-                   help="dynamic evaluation: tokens per update (default: the run's --bptt)")
-    g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",
-                   help="print a table of naive vs exact perplexity per batch size (default: none)")
-    _add_checkpoint_flag(g)
-    _add_device_flag(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_setting_flags(p, "evaluation", EvalConfig, EvalReport, LoadSettings)
+    add_setting_flags(p, "evaluation-time methods (README: Cache pointer and dynamic evaluation)", EvalMethods)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
 
-    run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+    evaluation, report = EvalConfig(**given_settings(args, EvalConfig)), EvalReport(**given_settings(args, EvalReport))
+    EvalMethods(**given_settings(args, EvalMethods))  # contradicting methods fail before the model is loaded
+    run = load_run(args.run, **given_settings(args, LoadSettings))
     source = given_settings(args, SourceSettings)
-    if args.compare_batch_sizes:
-        rows = run.compare_batch_sizes(args.compare_batch_sizes, args.data, split=args.split, context=args.context, **source)
+    if report.compare_batch_sizes:
+        rows = run.compare_batch_sizes(list(report.compare_batch_sizes), args.data, split=evaluation.split,
+                                       context=evaluation.context, **source)
         if args.json:
             print(json.dumps(rows))
         else:
@@ -268,23 +246,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             print(format_comparison(rows))
         return 0
-    from neurallm.evaluation_methods.cache_pointer import CachePointerSettings
-    from neurallm.evaluation_methods.dynamic_eval import DynamicSettings
-
-    if args.cache_pointer is not None and args.dynamic:
-        raise ConfigError("--cache-pointer and --dynamic are separate methods; run them one at a time")
-    pointer = None if args.cache_pointer is None else CachePointerSettings(args.cache_pointer, args.theta, args.lambda_)
-    dynamic = (DynamicSettings(args.dynamic_lr, args.dynamic_decay, args.dynamic_window or run.config.train.bptt)
-               if args.dynamic else None)
-    result = run.evaluate(args.data, split=args.split, batch_size=args.batch_size, context=args.context, naive=args.naive,
-                          cache_pointer=pointer, dynamic=dynamic, **source)
-    summary = {"split": args.split, **result.to_dict(run.level)}
+    result = run.evaluate(args.data, **given_settings(args, EvalConfig, EvalMethods), **source)
+    summary = {"split": evaluation.split, **result.to_dict(run.level)}
     if args.json:
         print(json.dumps(summary))
     else:
         bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" or result.chars_per_token else ""
         bpc += f" | bpb {result.bpb:.4f}" if result.bpb is not None else ""
-        print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
+        print(f"{evaluation.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
               f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
     return 0
 
@@ -356,14 +325,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_score_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--text", help="the text to score; its lines are scored one by one (default: none)")
-    given.add_argument("--file", metavar="F", help="a UTF-8 text file to score, line by line (default: none)")
-    given.add_argument("--jsonl", metavar="F", help="a JSONL file: one record per line, its text under --text-field (default: none)")
-    p.add_argument("--text-field", metavar="K", help="JSONL key holding each record's text (required with --jsonl) (default: none)")
-    p.add_argument("--independent", action="store_true",
-                   help="score each line alone (a cold state) instead of with the lines before it as context")
-    _add_context_flag(p, "the model's, as eval (RNNs carry their whole history)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per input line")
+    for s in settings_of(ScoreInput):
+        add_setting_flag(given if s.name in ("text", "file", "jsonl") else p, s)
+    add_setting_flags(p, "scoring", ScoreConfig)
     _add_checkpoint_flag(p)
     _add_device_flag(p)
 
@@ -395,7 +359,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     text = _score_input(args)
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    (score,) = run.score([text], independent=args.independent, context=args.context)
+    (score,) = run.score([text], **given_settings(args, ScoreConfig))
     for number, line in enumerate(score.lines, start=1):
         if args.json:
             print(json.dumps({"line": number, **line.to_dict()}, ensure_ascii=False))
@@ -423,25 +387,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_explain_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", help="a short text to use as the token stream (default: none)")
-    p.add_argument("--range", dest="numbers", metavar="FIRST..LAST", help="numbers as the token stream, e.g. 1..40 (default: none)")
-    p.add_argument("--batch-size", type=int, default=4, help=_with_default("columns of the batchified matrix", 4))
-    p.add_argument("--bptt", type=int, default=2, help=_with_default("tokens per BPTT window", 2))
-    p.add_argument("--eval", action="store_true", help="the evaluation view: naive layouts against exact, per batch size")
-    p.add_argument("--compare-batch-sizes", "--eval-batch-sizes", type=_int_list, default=[8, 6], metavar="B1,B2,...",
-                   help=_with_default("batch sizes of the --eval view", "8,6"))
-    _add_context_flag(p, "4 (the burn-in of the exact layout in the --eval view)", default=4)
+    add_setting_flags(p, "what to draw", ExplainConfig)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from neurallm.explain import explain_evaluation, explain_training, parse_explain_text, should_use_color
 
-    tokens = parse_explain_text(args.text, args.numbers)
+    config = ExplainConfig(**given_settings(args, ExplainConfig))
+    tokens = parse_explain_text(config.text, config.numbers)
     color = should_use_color(sys.stdout)
-    if args.eval:
-        print(explain_evaluation(tokens, tuple(args.compare_batch_sizes), context=args.context, color=color))
+    if config.eval:
+        print(explain_evaluation(tokens, config.compare_batch_sizes, context=config.context, color=color))
     else:
-        print(explain_training(tokens, args.batch_size, args.bptt, color=color))
+        print(explain_training(tokens, config.batch_size, config.bptt, color=color))
     return 0
 
 

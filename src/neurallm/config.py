@@ -1,7 +1,10 @@
-"""Settings of a model and of a training run, as dataclasses checked in ``__post_init__``.
+"""Settings of a model, of a training run and of the commands that use a run, as dataclasses checked in
+``__post_init__``.
 
-A run directory's ``config.json`` holds these (plus the data settings), so a run can be rebuilt, resumed
-and evaluated without the command line that made it.
+A run directory's ``config.json`` holds the model and training settings (plus the data settings:
+:class:`neurallm.run_config.RunConfig`), so a run can be rebuilt, resumed and evaluated without the command line
+that made it. This module imports nothing of the package but :mod:`neurallm.settings` and :mod:`neurallm.errors`:
+configuration sits below the data layer (whose own settings live beside their code).
 
 One source of truth
 -------------------
@@ -31,17 +34,17 @@ so ``neurallm --help`` stays fast.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields
 
-from neurallm.data.sources import SourceSettings
-from neurallm.data.vocab import VocabSettings
-from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.errors import ConfigError
-from neurallm.settings import setting, settings_of
+from neurallm.settings import setting
 
 MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "AWD_LSTM", "Transformer")
 AWD_ONLY = ("dropouti", "dropouth", "dropoute", "wdrop", "alpha", "beta")  # settings only AWD_LSTM reads
-OPTIMIZERS = ("sgd", "adamw", "ntasgd")
+# Each optimizer, with the copies of the weights its state holds (AdamW: two moments; NT-ASGD: the running
+# average), which the memory check counts (neurallm.training.footprint).
+OPTIMIZER_STATE_COPIES = {"sgd": 0, "adamw": 2, "ntasgd": 1}
+OPTIMIZERS = tuple(OPTIMIZER_STATE_COPIES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("none", "bf16")
 # Upper bounds far beyond any model this package trains, so that a crafted config.json (nlayers 10**6) or a typo
@@ -62,6 +65,28 @@ CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.1
 DYNAMIC_LR = 0.3
 DYNAMIC_DECAY = 0.0
+
+
+# The splits of a prepared corpus, and the checkpoints of a run (--checkpoint).
+SPLITS = ("train", "valid", "test")
+CHECKPOINTS = ("best", "last")
+# `neurallm explain`'s defaults: a matrix small enough to read in a terminal; the --eval view compares two batch
+# sizes against the exact layout, whose burn-in is `context` tokens.
+EXPLAIN_BATCH_SIZE = 4
+EXPLAIN_BPTT = 2
+EXPLAIN_BATCH_SIZES = (8, 6)
+EXPLAIN_CONTEXT = 4
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``1,5,10`` → ``(1, 5, 10)`` (``--compare-batch-sizes``)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated batch sizes like 1,5,10,20,80, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {text!r}")
+    return values
 
 
 def parse_cutoffs(text: str) -> tuple[int, ...]:
@@ -178,6 +203,9 @@ class TrainConfig:
                        "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
                        choices=AMP_MODES)
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)", resumable=True)
+    tensorboard: bool = setting(False, help="also write the training scalars (loss, ppl, lr, tokens/s, MFU; the metrics.jsonl "
+                                             "records) as TensorBoard event files in RUN/tensorboard/ (needs the "
+                                             "tensorboard extra)")
 
     def __post_init__(self) -> None:
         _require(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
@@ -204,9 +232,102 @@ class TrainConfig:
         return asdict(self)
 
 
-# The settings dataclasses of preparing a corpus, and of a training run (in config.json order).
-DATA_SETTINGS = (SourceSettings, TokenizerSettings, VocabSettings)
-TRAIN_SETTINGS = DATA_SETTINGS + (ModelConfig, TrainConfig)
+@dataclass
+class LoadSettings:
+    """Which weights of a run a command loads, and where (``eval``, ``score``, ``generate``, ``serve``, ``export``;
+    the keyword arguments of :func:`neurallm.load_run`)."""
+
+    checkpoint: str = setting("best", help="best: model.safetensors (best on validation); last: last.safetensors (an NT-ASGD "
+                                           "run that has begun averaging: its running average, which validation scores)",
+                              choices=CHECKPOINTS)
+    device: str = setting("auto", help="where to run", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        _require(self.checkpoint in CHECKPOINTS, f"--checkpoint must be best or last, got {self.checkpoint!r}")
+        _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass
+class EvalConfig:
+    """How ``neurallm eval`` scores a split (the keyword arguments of :meth:`neurallm.api.Run.evaluate`)."""
+
+    split: str = setting("test", help="split to score", choices=SPLITS)
+    batch_size: int = setting(EVAL_BATCH_SIZE, help="columns evaluated in parallel (does not change the exact result)")
+    context: int | None = setting(None, help=CONTEXT_HELP, default_text=CONTEXT_AUTO)
+    naive: bool = setting(False, help="the PyTorch example's method (its result depends on --batch-size)")
+
+    def __post_init__(self) -> None:
+        _require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _require(self.context is None or self.context >= 0, f"--context must be 0 or more, got {self.context}")
+
+
+@dataclass
+class EvalMethods:
+    """Evaluation-time methods of ``neurallm eval`` (README: Cache pointer and dynamic evaluation); keyword
+    arguments of :meth:`neurallm.api.Run.evaluate` too."""
+
+    cache_pointer: int | None = setting(None, help="mix in a continuous cache pointer over the last N hidden states",
+                                        metavar="N", default_text="off")
+    theta: float = setting(CACHE_THETA, help="cache pointer: sharpness of the match")
+    lambda_: float = setting(CACHE_LAMBDA, help="cache pointer: weight of the cache in the mixture", flag="--lambda")
+    dynamic: bool = setting(False, help="dynamic evaluation: adapt the weights to each window after scoring it (one column)")
+    dynamic_lr: float = setting(DYNAMIC_LR, help="dynamic evaluation: SGD learning rate (tune it on --split valid)")
+    dynamic_decay: float = setting(DYNAMIC_DECAY, help="dynamic evaluation: pull back towards the trained weights per window")
+    dynamic_window: int | None = setting(None, help="dynamic evaluation: tokens per update", metavar="TOKENS",
+                                         default_text="the run's --bptt")
+
+    def __post_init__(self) -> None:
+        _require(self.cache_pointer is None or not self.dynamic,
+                 "--cache-pointer and --dynamic are separate methods; run them one at a time")
+
+
+@dataclass
+class EvalReport:
+    """What ``neurallm eval`` prints (command-line only)."""
+
+    compare_batch_sizes: tuple[int, ...] | None = setting(None, help="print a table of naive vs exact perplexity per batch size",
+                                                          parse=parse_batch_sizes, metavar="B1,B2,...")
+    json: bool = setting(False, help="print one JSON object")
+
+
+@dataclass
+class ScoreConfig:
+    """How ``neurallm score`` reads each line's history (the keyword arguments of :meth:`neurallm.api.Run.score`)."""
+
+    independent: bool = setting(False, help="score each line alone (a cold state) instead of with the lines before it as context")
+    context: int | None = setting(None, help=CONTEXT_HELP, default_text="the model's, as eval (RNNs carry their whole history)")
+
+    def __post_init__(self) -> None:
+        _require(self.context is None or self.context >= 0, f"--context must be 0 or more, got {self.context}")
+
+
+@dataclass
+class ScoreInput:
+    """What ``neurallm score`` reads (exactly one of ``text``, ``file``, ``jsonl``) and prints (command-line only)."""
+
+    text: str | None = setting(None, help="the text to score; its lines are scored one by one")
+    file: str | None = setting(None, help="a UTF-8 text file to score, line by line", metavar="F")
+    jsonl: str | None = setting(None, help="a JSONL file: one record per line, its text under --text-field", metavar="F")
+    text_field: str | None = setting(None, help="JSONL key holding each record's text (required with --jsonl)", metavar="K")
+    json: bool = setting(False, help="print one JSON object per input line")
+
+
+@dataclass
+class ExplainConfig:
+    """What ``neurallm explain`` draws (its flags; :func:`neurallm.explain.explain_training` and
+    :func:`~neurallm.explain.explain_evaluation` take the same defaults)."""
+
+    text: str | None = setting(None, help="a short text to use as the token stream")
+    numbers: str | None = setting(None, help="numbers as the token stream, e.g. 1..40", flag="--range", metavar="FIRST..LAST")
+    batch_size: int = setting(EXPLAIN_BATCH_SIZE, help="columns of the batchified matrix")
+    bptt: int = setting(EXPLAIN_BPTT, help="tokens per BPTT window")
+    eval: bool = setting(False, help="the evaluation view: naive layouts against exact, per batch size")
+    compare_batch_sizes: tuple[int, ...] = setting(EXPLAIN_BATCH_SIZES, help="batch sizes of the --eval view",
+                                                   aliases=("--eval-batch-sizes",), parse=parse_batch_sizes,
+                                                   metavar="B1,B2,...")
+    context: int = setting(EXPLAIN_CONTEXT, help=CONTEXT_HELP,
+                           default_text=f"{EXPLAIN_CONTEXT} (the burn-in of the exact layout in the --eval view)")
 
 
 def from_dict(cls, data: dict, source: str):
@@ -245,79 +366,6 @@ def from_dict(cls, data: dict, source: str):
         return cls(**data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a training run; saved as the run directory's ``config.json``."""
-
-    source: SourceSettings
-    tokenizer: TokenizerSettings
-    vocab: VocabSettings
-    model: ModelConfig
-    train: TrainConfig
-
-    def sections(self) -> tuple:
-        """The five settings dataclasses, in ``config.json`` order."""
-        return (self.source, self.tokenizer, self.vocab, self.model, self.train)
-
-    def resumed_with(self, given: dict) -> "RunConfig":
-        """This configuration with the settings ``given`` to ``--resume`` applied.
-
-        Settings declared ``resumable`` (``--epochs``, ``--max-time``, and ``--device`` and ``--compile``, which
-        change where and how the same arithmetic runs) take the new value; any other must equal the saved one,
-        since a resumed run continues with its own settings.
-
-        Raises:
-            ConfigError: a setting that differs from the run's and may not change (naming its flag), or an
-                unknown name.
-        """
-        sections = self.sections()
-        resumable = [s.flag for section in sections for s in settings_of(type(section)) if s.resumable]
-        changes: list[dict] = [{} for _ in sections]
-        left = dict(given)
-        for changed, section in zip(changes, sections):
-            for s in settings_of(type(section)):
-                if s.name not in left:
-                    continue
-                value, saved = left.pop(s.name), getattr(section, s.name)
-                if s.resumable:
-                    changed[s.name] = value
-                    continue
-                if isinstance(saved, tuple):
-                    value = tuple(value)
-                if value != saved:
-                    raise ConfigError(
-                        f"{s.flag} {value} differs from the run's {saved}; --resume continues a run with its own "
-                        f"settings (only {', '.join(resumable[:-1])} and {resumable[-1]} may change): drop the flag or start a new --out"
-                    )
-        if left:
-            raise ConfigError(f"unknown setting(s) {', '.join(sorted(left))}")
-        return RunConfig(*(replace(section, **changed) for section, changed in zip(sections, changes)))
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source.to_dict(),
-            "tokenizer": self.tokenizer.to_dict(),
-            "vocab": asdict(self.vocab),
-            "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config.json") -> "RunConfig":
-        try:
-            source_settings = dict(data["source"])
-            source_settings["split_ratios"] = tuple(source_settings.get("split_ratios", (0.9, 0.05, 0.05)))
-            return cls(
-                source=from_dict(SourceSettings, source_settings, source),
-                tokenizer=from_dict(TokenizerSettings, data["tokenizer"], source),
-                vocab=from_dict(VocabSettings, data["vocab"], source),
-                model=from_dict(ModelConfig, data["model"], source),
-                train=from_dict(TrainConfig, data["train"], source),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{source}: not a complete neurallm run configuration (missing {exc})") from None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any
 
+from neurallm.config import EXPLAIN_BATCH_SIZES, EXPLAIN_CONTEXT
 from neurallm.data.windows import EvalColumn, column_rows, plan_eval_columns, window_length, window_starts
 from neurallm.errors import ConfigError
 
@@ -104,7 +105,7 @@ def explain_training(tokens: list[str], batch_size: int, bptt: int, *, color: bo
 
 
 def explain_evaluation(
-    tokens: list[str], batch_sizes: tuple[int, ...] = (8, 6), *, context: int = 4, color: bool = False
+    tokens: list[str], batch_sizes: tuple[int, ...] = EXPLAIN_BATCH_SIZES, *, context: int = EXPLAIN_CONTEXT, color: bool = False
 ) -> str:
     """The naive and the exact evaluation layout of ``tokens`` for each batch size, as text.
 

@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from neurallm.config import RunConfig
+from neurallm.run_config import RunConfig
 from neurallm.data.bpe import BPE, MAX_TOKENIZER_BYTES, TOKENIZER_FILE
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import MAX_VOCAB_BYTES, VOCAB_FILE, Vocab

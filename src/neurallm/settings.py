@@ -1,11 +1,14 @@
 """How a setting is declared, once: a dataclass field whose metadata says how users spell and change it.
 
 Every user-facing setting (of ``SourceSettings``, ``TokenizerSettings``, ``VocabSettings``, ``ModelConfig``,
-``TrainConfig``) is a field made with :func:`setting`. From those fields, and nothing else, come:
+``TrainConfig``, ``ServeConfig`` and those of ``eval``, ``score`` and ``explain`` in :mod:`neurallm.config`) is a
+field made with :func:`setting`. From those fields, and nothing else, come:
 
-* the CLI flags of ``prepare`` / ``train`` / ``eval`` (name, type, choices, help showing the default);
-* the keyword arguments ``neurallm.prepare()`` and ``neurallm.train()`` accept (:func:`split_settings`);
-* what ``--resume`` compares against the saved run, and what it may change (:func:`neurallm.config.RunConfig.resumed_with`).
+* the CLI flags of ``prepare`` / ``train`` / ``eval`` / ``score`` / ``explain`` / ``serve`` (name, type, choices,
+  help showing the default);
+* the keyword arguments ``neurallm.prepare()``, ``neurallm.train()``, ``neurallm.load_run()``, ``Run.evaluate()``
+  and ``Run.score()`` accept (:func:`split_settings`);
+* what ``--resume`` compares against the saved run, and what it may change (:func:`neurallm.run_config.RunConfig.resumed_with`).
 
 This module is plain Python (no torch): ``neurallm --help`` builds its parser from it.
 """
@@ -97,10 +100,6 @@ class Setting:
             shown = format_value(self.default)
         return f"{self.help} (default: {shown})"
 
-    def cli_value(self, text: str) -> Any:
-        """Convert a flag's text (argparse calls this as the flag's ``type``)."""
-        return (self.parse or self.kind)(text)
-
 
 def format_value(value: Any) -> str:
     """A value as a user would type it on the command line."""
@@ -147,14 +146,6 @@ def settings_of(*classes: type) -> list[Setting]:
                 resumable=meta["resumable"], default_text=meta["default_text"],
             ))
     return found
-
-
-def flag_of(name: str, *classes: type) -> str:
-    """The CLI flag of the setting ``name`` (for messages): ``eval_context`` → ``--context``."""
-    for s in settings_of(*classes):
-        if s.name == name:
-            return s.flag
-    return "--" + name.replace("_", "-")
 
 
 def split_settings(given: dict, *classes: type, what: str) -> list[dict]:

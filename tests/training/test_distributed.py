@@ -122,7 +122,7 @@ def test_shuffled_windows_are_split_between_ranks_without_overlap():
 
 
 def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
-    from neurallm.training.loop import _local_batch_size
+    from neurallm.data.training_batches import local_batch_size as _local_batch_size
 
     assert _local_batch_size(8, Ranks(0, 2)) == 4
     with pytest.raises(TrainingError, match="--batch-size 5 does not split evenly over 2 processes"):
@@ -297,7 +297,7 @@ def test_sigterm_stops_training_cleanly_and_a_second_one_does_not_abort():
     import signal
     import time
 
-    from neurallm.training.loop import _StopRequest
+    from neurallm.training.stopping import StopRequest as _StopRequest
 
     with _StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neurallm.config import DATA_SETTINGS
+from neurallm.data.settings import DATA_SETTINGS
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import PreparedCorpus, VocabSettings, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from neurallm import __version__
+from neurallm._version import __version__
 from neurallm.api import Run
 from neurallm.config import ServeConfig
 from neurallm.errors import NeurallmError

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from neurallm.errors import RunDirError
+from neurallm.errors import RunDirError, TrainingError
 from neurallm.runfolder import BEST_FILE, check_metric_record, write_run_file
 from neurallm.training.optim import Optimizer
 from neurallm.weights import model_tensors, read_safetensors, read_safetensors_header
@@ -150,6 +150,135 @@ def reading_training_state(path: Path) -> Iterator[None]:
         yield
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         raise _damaged_state(Path(path), f"{exc.__class__.__name__}: {exc}") from None
+
+
+# --- the last checkpoint's training state: what goes into last.safetensors and how it is read back ----------
+#
+#   info (JSON)                                    tensors
+#   epoch, window, elapsed, faults                 optim.<param>.<key>     optimizer moments
+#   best_valid_loss (null: none yet)               average.*               NT-ASGD's running average
+#   epoch_loss [loss_sum, steps] (rank 0's)        rng.torch, rng.cuda.N   rank 0's torch generators
+#   schedule, optimizer, average, rng (rank 0's)   carry.N                 rank 0's carried state (mid-epoch)
+#   rank_rng, rank_epoch_loss (ranks 1..)          rankR.rng.*, rankR.carry.N   the same for rank R
+#   world_size, metrics, data_key, neurallm_version
+
+
+@dataclass
+class Position:
+    """Where a run stands: what a resume continues from, besides weights, optimizer and random streams.
+
+    Attributes:
+        epoch: completed epochs.
+        window: next window of the current epoch.
+        elapsed: seconds of training over all resumes.
+        faults: non-finite steps recovered from so far.
+        best_valid_loss: validation loss of the weights in model.safetensors (inf: none yet).
+        schedule: the learning-rate schedule's state (:meth:`neurallm.training.optim.Schedule.to_dict`).
+        metrics: the epoch records so far (metrics.jsonl is rewritten from them).
+    """
+
+    epoch: int
+    window: int
+    elapsed: float
+    faults: int
+    best_valid_loss: float
+    schedule: dict
+    metrics: list[dict]
+
+
+@dataclass
+class RankState:
+    """One rank's own part of the training state: its random streams, carried state and epoch loss so far.
+
+    Attributes:
+        rng: Python and NumPy generator states (JSON, :func:`neurallm.runtime.capture_rng_state`).
+        tensors: torch generator states (``rng.*``) and the carried state (``carry.N``), on the CPU.
+        epoch_loss: ``[loss_sum, steps]`` of this rank's columns in the current epoch.
+    """
+
+    rng: dict
+    tensors: dict[str, torch.Tensor]
+    epoch_loss: list
+
+
+def rank_prefix(rank: int) -> str:
+    """Key prefix of a rank's RNG and carried state in last.safetensors (rank 0 keeps the single-process keys)."""
+    return f"rank{rank}." if rank else ""
+
+
+def pack_training_state(position: Position, per_rank: list[RankState], *, optimizer: Optimizer,
+                        average: tuple[dict, dict[str, torch.Tensor]], data_key: str, version: str) -> TrainingState:
+    """The training state :func:`save_last` stores, from the run's position and every rank's own part.
+
+    ``average`` is NT-ASGD's ``(json, tensors)``: the same on every rank, so rank 0's is kept."""
+    optim_json, optim_tensors = optimizer_to_state(optimizer)
+    average_json, average_tensors = average
+    main, *others = per_rank
+    rank_tensors = dict(main.tensors)
+    for rank, part in enumerate(others, start=1):
+        rank_tensors.update({f"{rank_prefix(rank)}{k}": v for k, v in part.tensors.items()})
+    info = {
+        "neurallm_version": version,
+        "epoch": position.epoch,
+        "window": position.window,
+        "elapsed": position.elapsed,
+        "faults": position.faults,
+        "best_valid_loss": None if math.isinf(position.best_valid_loss) else position.best_valid_loss,
+        "epoch_loss": main.epoch_loss,
+        "schedule": position.schedule,
+        "optimizer": optim_json,
+        "average": average_json,
+        "rng": main.rng,
+        "rank_rng": [part.rng for part in others],  # ranks 1.. (rank 0's is "rng")
+        "rank_epoch_loss": [part.epoch_loss for part in others],  # and "epoch_loss"
+        "world_size": len(per_rank),
+        "metrics": position.metrics,
+        "data_key": data_key,
+    }
+    return TrainingState(info, {**rank_tensors, **optim_tensors, **average_tensors})
+
+
+def check_same_run(state: TrainingState, path: Path, *, data_key: str, world_size: int) -> None:
+    """Refuse to resume ``path`` on other data or with another number of processes than it was trained with.
+
+    Raises:
+        TrainingError: naming the file, what differs and how to resume.
+    """
+    info = state.info
+    if info.get("data_key") != data_key:
+        raise TrainingError(
+            f"{path} was trained on data prepared as {info.get('data_key')}, but --data now gives "
+            f"{data_key} (the text or its settings changed); resume with the original data"
+        )
+    saved_world = info.get("world_size", 1)
+    if saved_world != world_size:
+        raise TrainingError(
+            f"{path} was trained by {saved_world} process(es) and holds the carried state and random streams of "
+            f"that many ranks, but this is {world_size}; resume with the same number "
+            f"(torchrun --nproc_per_node {saved_world} …{', or plain neurallm train' if saved_world == 1 else ''})"
+        )
+
+
+def read_position(state: TrainingState) -> Position:
+    """The run's position as :func:`pack_training_state` stored it (types checked by :func:`load_last`)."""
+    info = state.info
+    return Position(epoch=info["epoch"], window=info["window"], elapsed=info["elapsed"], faults=info.get("faults", 0),
+                    best_valid_loss=math.inf if info.get("best_valid_loss") is None else info["best_valid_loss"],
+                    schedule=info["schedule"], metrics=info["metrics"])
+
+
+def read_rank_state(state: TrainingState, rank: int) -> RankState:
+    """Rank ``rank``'s own part of the training state, its keys without the rank prefix."""
+    info, prefix = state.info, rank_prefix(rank)
+    own = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)} if prefix else state.tensors
+    if rank == 0:
+        return RankState(info["rng"], own, info.get("epoch_loss", [0.0, 0]))
+    return RankState(info["rank_rng"][rank - 1], own, info["rank_epoch_loss"][rank - 1])
+
+
+def carried_state(part: RankState, layers: int) -> list[torch.Tensor]:
+    """The carried state saved mid-epoch (``carry.0`` … ``carry.{layers-1}``); empty when none was saved."""
+    return [part.tensors[f"carry.{i}"] for i in range(layers) if f"carry.{i}" in part.tensors]
 
 
 def optimizer_to_state(optimizer: Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from neurallm.config import ModelConfig, TrainConfig
+from neurallm.config import OPTIMIZER_STATE_COPIES, ModelConfig, TrainConfig
 from neurallm.errors import ConfigError
 from neurallm.fileio import format_size
 from neurallm.models import build_model, count_parameters
 
 MEMINFO = Path("/proc/meminfo")
 # float32 copies of the parameters that training holds: the weights and their gradients, plus the optimizer's own
-OPTIMIZER_COPIES = {"adamw": 2, "sgd": 0, "ntasgd": 1}  # AdamW: two moments; NT-ASGD: the running average
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -39,7 +38,7 @@ def parameter_bound(config: ModelConfig) -> int:
 
 def training_bytes(parameters: int, optimizer: str) -> int:
     """Bytes of parameter-sized float32 state during training (activations and data come on top)."""
-    return parameters * 4 * (2 + OPTIMIZER_COPIES[optimizer])
+    return parameters * 4 * (2 + OPTIMIZER_STATE_COPIES[optimizer])
 
 
 def available_bytes(device: torch.device, meminfo: Path = MEMINFO) -> int | None:

@@ -53,6 +53,50 @@ def compile_for_training(model: LanguageModel, step_model: nn.Module | None = No
     return torch.compile(model if step_model is None else step_model)
 
 
+@dataclass
+class StepModels:
+    """What a training step calls: the model itself, or a wrapper standing in for it (DDP, ``torch.compile``).
+
+    Attributes:
+        usual: what the usual window (``full_window``) runs through.
+        odd_window: what a window of another shape runs through under ``--compile`` (an epoch's shorter last
+            window, a smaller last batch of shuffled windows), or None to run every window through ``usual``.
+        full_window: the usual window's shape ``(bptt, local batch size)``.
+    """
+
+    usual: nn.Module
+    odd_window: nn.Module | None
+    full_window: tuple[int, int]
+
+    def for_window(self, inputs: torch.Tensor) -> nn.Module:
+        """The module to run the window ``inputs`` ``(T, B)`` through."""
+        if self.odd_window is not None and tuple(inputs.shape) != self.full_window:
+            return self.odd_window
+        return self.usual
+
+
+def wrap_for_training(model: LanguageModel, device: torch.device, *, distributed: bool, compile: bool,
+                      variable_bptt: bool, full_window: tuple[int, int]) -> StepModels:
+    """Wrap ``model`` for training steps: DistributedDataParallel under torchrun, then ``torch.compile`` under
+    ``--compile``.
+
+    Under --compile a window of another shape than the usual one runs uncompiled: compiling for it would stall
+    the run for one step (27 s for the GPT-2-small shape on an H100). With --variable-bptt every length is usual:
+    the compiled graph takes them all.
+    """
+    step_model: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    odd_window = None
+    if compile:
+        if not variable_bptt:
+            odd_window = step_model
+        step_model = compile_for_training(model, step_model)
+    return StepModels(step_model, odd_window, full_window)
+
+
 def training_step(
     model: nn.Module,
     optimizer: Optimizer,
