@@ -3,11 +3,12 @@
 ::
 
     _version, errors
-      └ settings, fileio, locking, runtime, distributed, presets       plain helpers
+      └ settings, fileio, locking, runtime, distributed, presets,      plain helpers
+        elastic
           └ config                                                      model/train/eval/serve settings
               └ data                                                    text → tokens → vocab → ids → batches
-                  └ run_config, runfolder                               a run's config.json and its folder
-                      └ models
+                  └ run_config, runfolder, outputs                      a run's config.json, its folder, output paths
+                      └ models, weights
                           └ evaluation, evaluation_methods, scoring, explain, plots
                               └ training
                                   └ generation
@@ -32,11 +33,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "neurallm"
 LAYERS: list[set[str]] = [
     {"neurallm._version", "neurallm.errors"},
     {"neurallm.settings", "neurallm.fileio", "neurallm.locking", "neurallm.runtime", "neurallm.distributed",
-     "neurallm.presets"},
+     "neurallm.presets", "neurallm.elastic"},
     {"neurallm.config"},
     {"neurallm.data"},
-    {"neurallm.run_config", "neurallm.runfolder"},
-    {"neurallm.models"},
+    {"neurallm.run_config", "neurallm.runfolder", "neurallm.outputs"},
+    {"neurallm.models", "neurallm.weights"},
     {"neurallm.evaluation", "neurallm.evaluation_methods", "neurallm.scoring", "neurallm.explain", "neurallm.plots"},
     {"neurallm.training"},
     {"neurallm.generation"},

@@ -30,7 +30,8 @@ def test_what_is_packed_per_rank_reads_back_per_rank(tmp_path):
     model = build_model(ModelConfig(vocab_size=10, emsize=4, nhid=4, nlayers=1))
     optimizer = build_optimizer(model, TrainConfig())
     position = ckpt.Position(epoch=2, window=7, elapsed=12.5, faults=1, best_valid_loss=math.inf,
-                             schedule={"kind": "sgd"}, metrics=[{"epoch": 1}])
+                             schedule={"kind": "sgd"},
+                             metrics=[{"epoch": 1, "train_loss": 5.0, "valid_loss": 4.5, "lr": 20.0}])
     state = ckpt.pack_training_state(position, [rank_part(0), rank_part(1)], optimizer=optimizer,
                                      average=ParameterAverage(model).to_state(), data_key="k", version="0.1.0")
     path = tmp_path / "last.safetensors"
