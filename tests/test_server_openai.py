@@ -195,3 +195,16 @@ def test_the_official_openai_client(live_openai, runs):
         openai.OpenAI(base_url=live_openai + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError, match="chat template"):
         client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_serve_takes_the_api_key_from_the_environment(trained_run, monkeypatch):
+    from neurallm import cli
+
+    seen = {}
+    monkeypatch.setattr("neurallm.server.serve", lambda run, settings, **kw: seen.setdefault("settings", settings))
+    monkeypatch.setenv("NEURALLM_API_KEY", "from-env")
+    assert cli.main(["serve", str(trained_run)]) == 0
+    assert seen["settings"].api_key == "from-env"
+    seen.clear()
+    assert cli.main(["serve", str(trained_run), "--api-key", "typed"]) == 0
+    assert seen["settings"].api_key == "typed"

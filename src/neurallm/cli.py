@@ -454,6 +454,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_VARIABLE = "NEURALLM_API_KEY"
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from neurallm.config import ServeConfig
 
@@ -467,7 +470,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from neurallm.config import ServeConfig
     from neurallm.server import serve
 
-    serve(args.run, ServeConfig(**given_settings(args, ServeConfig)), checkpoint=args.checkpoint, device=args.device)
+    import os
+
+    settings = given_settings(args, ServeConfig)
+    if "api_key" not in settings and os.environ.get(API_KEY_VARIABLE):  # a key in argv shows in `ps`; this does not
+        settings["api_key"] = os.environ[API_KEY_VARIABLE]
+    serve(args.run, ServeConfig(**settings), checkpoint=args.checkpoint, device=args.device)
     return 0
 
 
