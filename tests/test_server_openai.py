@@ -4,6 +4,7 @@ echo log-probabilities against `neurallm score`, and the one generation route be
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -208,3 +209,34 @@ def test_serve_takes_the_api_key_from_the_environment(trained_run, monkeypatch):
     seen.clear()
     assert cli.main(["serve", str(trained_run), "--api-key", "typed"]) == 0
     assert seen["settings"].api_key == "typed"
+
+
+def test_lm_evaluation_harness_local_completions_uses_the_servers_tokenizer(live_openai, runs, tmp_path, monkeypatch):
+    """The harness's `local-completions` model with `tokenizer_backend=remote`: it tokenizes through /tokenize, finds
+    the end-of-text id through /tokenizer_info, and scores through echo. Its word perplexity is what neurallm's
+    scoring gives for each document read after the harness's end-of-text token."""
+    pytest.importorskip("tenacity", reason="local-completions needs lm-eval's 'api' extra")
+    lm_eval = pytest.importorskip("lm_eval")
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    from lm_eval.tasks import TaskManager
+
+    documents = ["the cat sat on the mat", "the dog ran in the zebra park"]
+    (tmp_path / "test.txt").write_text("\n".join(documents) + "\n", encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(
+        "task: neurallm_server_ppl\ndataset_path: text\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'test.txt'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n", encoding="utf-8")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["neurallm_server_ppl"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args=f"model=x,base_url={live_openai}/v1/completions,tokenizer_backend=remote,tokenized_requests=True,"
+                   "num_concurrent=1,auth_token=test-key")  # the tokenizer endpoints' key; completions read OPENAI_API_KEY
+    measured = results["results"]["neurallm_server_ppl"]["word_perplexity,none"]
+    run = neurallm.load_run(runs["lstm"])
+    total = 0.0
+    for document in documents:  # the harness reads each document after its end-of-text token ("\n"), no final "\n"
+        (scored,) = run.score(["\n" + document])
+        total += scored.lines[1].logprob - scored.lines[1].logprobs[-1]
+    words = sum(len(d.split()) for d in documents)
+    assert measured == pytest.approx(math.exp(-total / words), rel=1e-6)
