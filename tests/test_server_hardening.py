@@ -92,7 +92,7 @@ def test_a_huge_context_is_one_line_before_any_allocation(transformer_run, tmp_p
 
     assert main(["generate", str(transformer_run), "--context", "1000000000", "--tokens", "3"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("neurallm generate: error: --context must be between 1 and 1,000,000") and "\n" not in err
+    assert err.startswith("neurallm generate: error: --context must be at most 1,000,000 positions") and "\n" not in err
     huge_bptt = _with_config(transformer_run, tmp_path, bptt=10**9)
     assert main(["generate", str(huge_bptt), "--tokens", "3"]) == 1
     err = capsys.readouterr().err.strip()

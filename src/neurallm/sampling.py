@@ -62,8 +62,10 @@ def check_sampling(tokens: int, temperature: float, top_k: int | None, top_p: fl
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:  # NaN fails this too
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
-    if context is not None and not 1 <= context <= MAX_CONTEXT:
-        raise ConfigError(f"--context must be between 1 and {MAX_CONTEXT:,} positions, got {context:,}")
+    if context is not None and context < 1:
+        raise ConfigError(f"--context must be at least 1, got {context}")
+    if context is not None and context > MAX_CONTEXT:
+        raise ConfigError(f"--context must be at most {MAX_CONTEXT:,} positions (a Transformer allocates them), got {context:,}")
 
 
 def generation_context(settings: SamplingSettings, bptt: int, memory: int) -> int:
