@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from neurallm.config import CONTEXT_HELP
 from neurallm.errors import ConfigError
 from neurallm.settings import setting
 
@@ -38,7 +39,7 @@ class SamplingSettings:
                                   help="sample among the most likely tokens holding probability P")
     seed: int = setting(DEFAULT_SEED, help="random seed; the same seed gives the same text")
     context: int | None = setting(None, default_text=CONTEXT_DEFAULT_TEXT,
-                                  help="tokens of history each generated token gets (a Transformer's attention span)")
+                                  help=CONTEXT_HELP)
 
     def __post_init__(self) -> None:
         check_sampling(self.tokens, self.temperature, self.top_k, self.top_p, self.seed, self.context)
