@@ -240,3 +240,22 @@ def test_lm_evaluation_harness_local_completions_uses_the_servers_tokenizer(live
         total += scored.lines[1].logprob - scored.lines[1].logprobs[-1]
     words = sum(len(d.split()) for d in documents)
     assert measured == pytest.approx(math.exp(-total / words), rel=1e-6)
+
+
+def test_a_streamed_completion_adds_up_to_the_plain_one_logprobs_included(runs):
+    body = {"prompt": "the cat", "max_tokens": 10, "seed": 4, "echo": True, "logprobs": 2, "n": 2}
+    with _client(runs["lstm"]) as client:
+        plain = client.post("/v1/completions", json=body).json()
+        events = client.post("/v1/completions", json={**body, "stream": True,
+                                                     "stream_options": {"include_usage": True}}).text.strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[len("data: "):]) for event in events[:-1]]
+    assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
+    for choice in plain["choices"]:
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"] == "length"
+        streamed = [c["logprobs"] for c in mine if c["logprobs"]]
+        generated = len(streamed)  # one chunk per generated token; the echoed prompt comes first, without
+        assert [lp["text_offset"][0] for lp in streamed] == choice["logprobs"]["text_offset"][-generated:]
+        assert [lp["token_logprobs"][0] for lp in streamed] == choice["logprobs"]["token_logprobs"][-generated:]

@@ -36,6 +36,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -186,15 +187,20 @@ def _prompt_stream(run: Run, prompt: str | list[int], settings: SamplingSettings
                              run.sampling(settings or SamplingSettings(tokens=1)), **options)
 
 
+@dataclass
 class _Plan:
     """A completion request, checked: its prompts, the sampling settings of each choice, and what to report."""
 
-    def __init__(self, prompts: list, n: int, max_tokens: int, sampling: list[SamplingSettings], stop: list[str],
-                 echo: bool, logprobs: int | None, include_usage: bool) -> None:
-        self.prompts, self.n, self.max_tokens, self.sampling, self.stop = prompts, n, max_tokens, sampling, stop
-        self.echo, self.logprobs, self.include_usage = echo, logprobs, include_usage
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+    prompts: list
+    n: int
+    max_tokens: int
+    sampling: list[SamplingSettings]
+    stop: list[str]
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def _plan(body, run: Run, settings: ServeConfig) -> _Plan:
@@ -286,16 +292,17 @@ def _complete(run: Run, plan: _Plan, deadline: Deadline, emit: Callable | None =
                 echo_text = prompt if isinstance(prompt, str) else stream.prompt_text
                 if plan.logprobs is not None:
                     echo_logprobs = _prompt_logprobs(run, stream, plan.logprobs)
+            offset = len(echo_text) if plan.echo else 0  # where the generated text starts in the choice's text
             if plan.echo and emit is not None and echo_text:
-                emit((index, echo_text, None))
+                emit((index, echo_text, None, 0))
             if plan.max_tokens > 0:
                 for piece in stream:
                     if emit is not None and (piece.text or piece.token is not None):
-                        emit((index, piece.text, piece.token))
+                        emit((index, piece.text, piece.token, offset))
             deadline.check()
             logprobs = None
             if plan.logprobs is not None:
-                generated = _choice_logprobs(run, stream.choices, len(echo_text) if plan.echo else 0)
+                generated = _choice_logprobs(run, stream.choices, offset)
                 logprobs = ({k: echo_logprobs[k] + generated[k] for k in generated} if plan.echo else generated)
             text = (echo_text if plan.echo else "") + stream.text
             results.append({"index": index, "text": text, "logprobs": logprobs,
@@ -333,10 +340,10 @@ async def _sse_chunks(run: Run, model_id: str, plan: _Plan, items: AsyncIterator
                              "choices": [], "usage": _usage(plan, item.result)}
                     yield f"data: {json.dumps(usage)}\n\n"
                 break
-            index, text, token = item
+            index, text, token, offset = item
             logprobs = None
             if plan.logprobs is not None and token is not None:
-                logprobs = _choice_logprobs(run, [token], 0)
+                logprobs = _choice_logprobs(run, [token], offset)
             yield chunk(index, text, logprobs, None)
     except ApiError as exc:
         yield f"data: {json.dumps(error_body('/v1/completions', exc.status, exc.message, code=exc.code))}\n\n"
