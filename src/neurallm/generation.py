@@ -7,6 +7,13 @@ the model's business (:meth:`~neurallm.models.contract.LanguageModel.start_gener
 state, or the Transformer's keys and values of the last ``context`` positions in fixed-size buffers, so a new
 token costs one token's projections and one attention row, not a re-run of the prefix. The last token drawn is
 not fed back: nothing would read its features.
+
+There is one route: :func:`stream_generation`. ``neurallm generate``, :meth:`neurallm.Run.generate`, the web
+page's ``/api/generate``, the OpenAI-compatible ``/v1/completions`` and ONNX generation all draw their tokens
+through it (ONNX through :func:`sample_next`), with the settings of :class:`neurallm.sampling.SamplingSettings`,
+so the same prompt, settings and seed give the same text from every door. It yields each token with the text it
+releases; stop strings end the text before them (text that may be the start of one is held back until it is
+not), and a hook called after every token (a deadline, a client that left) can end it early.
 """
 
 from __future__ import annotations
