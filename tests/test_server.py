@@ -248,3 +248,14 @@ def test_a_failure_during_a_stream_ends_it_with_an_error_event(run, monkeypatch)
         events = _events(client.post("/api/generate/stream", json={"tokens": 5}).text)
     assert [name for name, _ in events] == ["token", "error"]
     assert events[-1][1]["error"] == "internal error (RuntimeError); the server log has the details"
+
+
+def test_score_warns_as_neurallm_score_does_when_many_tokens_are_unknown(client, monkeypatch):
+    from neurallm import api
+
+    warnings = []
+    monkeypatch.setattr(api.logger, "warning", lambda message, *args, **kwargs: warnings.append(message))
+    assert client.post("/api/score", json={"text": "the cat sat on the mat"}).status_code == 200
+    assert warnings == []
+    assert client.post("/api/score", json={"text": "the quokka and zebra wombat"}).status_code == 200
+    assert len(warnings) == 1 and "<unk>" in warnings[0]
