@@ -50,6 +50,16 @@ def test_only_the_bound_host_names_are_answered(run):
     assert TestClient(anywhere, base_url="http://my-box.lan").get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("argv,message", [(["--api-key", ""], "--api-key must not be empty"),
+                                          (["--allowed-hosts", ","], "--allowed-hosts needs at least one name")])
+def test_empty_keys_and_host_lists_are_one_line(trained_run, capsys, argv, message):
+    from neurallm.cli import main
+
+    assert main(["serve", str(trained_run), *argv]) == 1
+    assert capsys.readouterr().err.strip() == f"neurallm serve: error: {message}" + (
+        "; leave it out to accept any key" if "api-key" in message else " (or * for any)")
+
+
 def test_head_of_the_page_and_healthz(run):
     client = TestClient(create_app(run, ServeConfig()), base_url="http://127.0.0.1")
     for path in ("/", "/healthz"):
@@ -100,6 +110,9 @@ def test_a_huge_context_is_one_line_before_any_allocation(transformer_run, tmp_p
     assert main(["generate", str(huge_bptt), "--tokens", "3", "--context", "16"]) == 0  # the way out works
     with pytest.raises(ConfigError, match="bptt"):  # the server refuses it at start
         create_app(neurallm.load_run(huge_bptt), ServeConfig())
+    assert main(["serve", str(huge_bptt), "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neurallm serve: error: the run's bptt + memory") and "\n" not in err
     client = TestClient(create_app(neurallm.load_run(transformer_run), ServeConfig()), base_url="http://127.0.0.1")
     response = client.post("/api/generate", json={"context": 10**9, "tokens": 2})
     assert response.status_code == 422 and "context" in response.json()["error"]

@@ -335,3 +335,6 @@ class ServeConfig:
         _require(self.max_prompt_chars >= 1, f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         _require(self.max_queue >= 1, f"--max-queue must be at least 1, got {self.max_queue}")
         _require(self.timeout > 0, f"--timeout must be positive seconds, got {self.timeout}")
+        _require(self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty; leave it out to accept any key")
+        _require(self.allowed_hosts is None or len(self.allowed_hosts) > 0,
+                 "--allowed-hosts needs at least one name (or * for any)")
