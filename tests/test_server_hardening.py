@@ -244,3 +244,20 @@ def test_ctrl_c_with_a_request_in_flight_answers_503_without_a_traceback(trained
     client.join(timeout=60)
     assert answer.get("status") == 503 and "stopping" in answer["body"]["error"], (answer, output)
     assert "Traceback" not in output and process.returncode == 0, output
+
+
+def test_a_stream_whose_time_ran_out_in_the_queue_ends_at_once_with_an_error(run, monkeypatch):
+    from neurallm.server import calls
+
+    monkeypatch.setattr(calls, "TIMEOUT_GRACE_SECONDS", 60.0)  # a stuck stream would wait a minute
+    app = create_app(run, ServeConfig(timeout=0.3))
+    release = threading.Event()
+    app.state.worker.submit(release.wait, 10)  # holds the worker past the stream's deadline
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        timer = threading.Timer(1.0, release.set)
+        timer.start()
+        started = time.monotonic()
+        answer = client.post("/api/generate/stream", json={"tokens": 3}).text
+        waited = time.monotonic() - started
+    assert "event: error" in answer and "--timeout" in answer
+    assert waited < 30  # not the grace the server gives a stuck call

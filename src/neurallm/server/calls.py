@@ -115,7 +115,16 @@ class ModelCalls:
             else:
                 loop.call_soon_threadsafe(items.put_nowait, (False, _End(result)))
 
-        self._submit(work, deadline)
+        def skipped(future: Future) -> None:
+            # the work never ran: its time ran out while it waited, or the server stopped before it started
+            failure = DeadlinePassed() if future.cancelled() else future.exception()
+            if failure is not None:
+                try:
+                    loop.call_soon_threadsafe(items.put_nowait, (False, failure))
+                except RuntimeError:  # the event loop has closed: nobody is waiting
+                    pass
+
+        self._submit(work, deadline).add_done_callback(skipped)
         return self._drain(items, deadline)
 
     async def _drain(self, items: asyncio.Queue, deadline: Deadline) -> AsyncIterator[Any]:
