@@ -1,10 +1,12 @@
 """Load test of `neurallm serve` on the loopback interface: requests/s and latency for 1, 8 and 32 clients.
 
 Starts ``neurallm serve RUN`` as a child process on 127.0.0.1 (a free port; nothing leaves the machine),
-then, for each client count, lets that many threads send ``POST /api/generate`` back to back until
+then, for each endpoint and client count, lets that many threads send requests back to back until
 ``--requests`` answers have come back or ``--max-seconds`` have passed (whichever is first), and prints
-requests/s, p50 and p95 latency and how many answers were not 200 (503 = queue full). Then it times
-single 100-token generations (plain and streamed: time to the first token and to the end).
+requests/s, p50 and p95 latency (of the whole answer; for the streamed endpoints, p50 of the first token
+too) and how many answers were not 200 (503 = queue full). The endpoints: the page's ``/api/generate`` and
+``/api/generate/stream``, and the OpenAI-compatible ``/v1/completions``, plain and with ``stream: true``.
+Then it times single 100-token generations (plain and streamed: time to the first token and to the end).
 
 ::
 
@@ -73,9 +75,40 @@ def start_server(run: Path, port: int, max_queue: int) -> subprocess.Popen:
             time.sleep(0.2)
 
 
-def load(url: str, clients: int, requests: int, max_seconds: float, tokens: int) -> dict:
-    """``clients`` threads send generate requests back to back; at most ``requests`` in all, for ``max_seconds``."""
+# name -> (path, body for a seed and a token count, streamed)
+ENDPOINTS = {
+    "/api/generate": ("/api/generate", lambda seed, tokens: {"prompt": "the", "tokens": tokens, "seed": seed}, False),
+    "/api/generate/stream": ("/api/generate/stream", lambda seed, tokens: {"prompt": "the", "tokens": tokens, "seed": seed}, True),
+    "/v1/completions": ("/v1/completions", lambda seed, tokens: {"prompt": "the", "max_tokens": tokens, "seed": seed}, False),
+    "/v1/completions stream": ("/v1/completions",
+                               lambda seed, tokens: {"prompt": "the", "max_tokens": tokens, "seed": seed, "stream": True}, True),
+}
+
+
+def _timed_request(url: str, endpoint: str, seed: int, tokens: int) -> tuple[int, float, float | None]:
+    """(status, seconds to the whole answer, seconds to the first streamed event or None)."""
+    path, body, streamed = ENDPOINTS[endpoint]
+    started = time.perf_counter()
+    if not streamed:
+        status, _ = _post(url + path, body(seed, tokens))
+        return status, time.perf_counter() - started, None
+    request = urllib.request.Request(url + path, data=json.dumps(body(seed, tokens)).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.readline()  # the first event's first line: the first token
+            first = time.perf_counter() - started
+            response.read()
+            return response.status, time.perf_counter() - started, first
+    except urllib.error.HTTPError as error:
+        error.read()
+        return error.code, time.perf_counter() - started, None
+
+
+def load(url: str, clients: int, requests: int, max_seconds: float, tokens: int, endpoint: str = "/api/generate") -> dict:
+    """``clients`` threads send ``endpoint`` requests back to back; at most ``requests`` in all, for ``max_seconds``."""
     latencies: list[float] = []
+    firsts: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
     sent = 0
@@ -89,11 +122,12 @@ def load(url: str, clients: int, requests: int, max_seconds: float, tokens: int)
                     return
                 sent += 1
                 seed = sent
-            started = time.perf_counter()
-            status, _ = _post(url + "/api/generate", {"prompt": "the", "tokens": tokens, "seed": seed})
+            status, seconds, first = _timed_request(url, endpoint, seed, tokens)
             with lock:
-                latencies.append(time.perf_counter() - started)
+                latencies.append(seconds)
                 statuses.append(status)
+                if first is not None and status == 200:
+                    firsts.append(first)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -103,9 +137,10 @@ def load(url: str, clients: int, requests: int, max_seconds: float, tokens: int)
         thread.join()
     wall = time.perf_counter() - started
     ok = [lat for lat, status in zip(latencies, statuses) if status == 200]
-    return {"clients": clients, "requests": len(latencies), "ok": len(ok), "not_ok": len(latencies) - len(ok),
-            "requests_per_s": len(ok) / wall, "p50_ms": 1000 * _percentile(ok, 0.5) if ok else None,
-            "p95_ms": 1000 * _percentile(ok, 0.95) if ok else None, "seconds": wall}
+    return {"endpoint": endpoint, "clients": clients, "requests": len(latencies), "ok": len(ok),
+            "not_ok": len(latencies) - len(ok), "requests_per_s": len(ok) / wall,
+            "p50_ms": 1000 * _percentile(ok, 0.5) if ok else None, "p95_ms": 1000 * _percentile(ok, 0.95) if ok else None,
+            "first_token_p50_ms": 1000 * _percentile(firsts, 0.5) if firsts else None, "seconds": wall}
 
 
 def single_generation(url: str, tokens: int, repeats: int) -> dict:
@@ -146,6 +181,8 @@ def main() -> None:
     parser.add_argument("run", nargs="?", type=Path, help="run directory to serve")
     parser.add_argument("--train", type=Path, help="train a benchmark run into this folder first (if it is not there)")
     parser.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS),
+                        help=f"comma-separated endpoints to load (default: all of {', '.join(ENDPOINTS)})")
     parser.add_argument("--requests", type=int, default=64, help="answers per client count (default 64)")
     parser.add_argument("--max-seconds", type=float, default=60, help="time limit per client count (default 60)")
     parser.add_argument("--tokens", type=int, default=20, help="tokens per load-test request (default 20)")
@@ -163,7 +200,12 @@ def main() -> None:
     try:
         info = json.loads(urllib.request.urlopen(url + "/api/info", timeout=30).read())
         _post(url + "/api/generate", {"tokens": 5})  # warm-up
-        rows = [load(url, int(n), args.requests, args.max_seconds, args.tokens) for n in args.clients.split(",")]
+        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+        unknown = sorted(set(endpoints) - ENDPOINTS.keys())
+        if unknown:
+            parser.error(f"unknown endpoint(s) {', '.join(unknown)}; known: {', '.join(ENDPOINTS)}")
+        rows = [load(url, int(n), args.requests, args.max_seconds, args.tokens, endpoint)
+                for endpoint in endpoints for n in args.clients.split(",")]
         latency = single_generation(url, args.latency_tokens, args.repeats)
     finally:
         server.send_signal(signal.SIGINT)
@@ -176,9 +218,11 @@ def main() -> None:
         return
     print(f"{info['model']} {info['layers']}x{info['nhid']}, {info['parameters']:,} parameters, vocabulary {info['vocabulary']:,}; "
           f"{args.tokens} tokens per request, {os.cpu_count()} CPUs")
-    print(f"{'clients':>8} {'answers':>8} {'not 200':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'endpoint':<24} {'clients':>8} {'answers':>8} {'not 200':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'first ms':>9}")
+    shown = lambda value: "-" if value is None else f"{value:.1f}"  # noqa: E731
     for r in rows:
-        print(f"{r['clients']:>8} {r['requests']:>8} {r['not_ok']:>8} {r['requests_per_s']:>8.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f}")
+        print(f"{r['endpoint']:<24} {r['clients']:>8} {r['requests']:>8} {r['not_ok']:>8} {r['requests_per_s']:>8.1f} "
+              f"{shown(r['p50_ms']):>8} {shown(r['p95_ms']):>8} {shown(r['first_token_p50_ms']):>9}")
     print(f"{latency['tokens']}-token generation (median of {latency['repeats']}): {latency['generate_ms']} ms "
           f"({latency['ms_per_token']} ms/token); streamed: first token {latency['stream_first_token_ms']} ms, "
           f"all {latency['stream_total_ms']} ms")

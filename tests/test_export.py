@@ -56,6 +56,10 @@ def test_greedy_generation_from_the_onnx_file_matches_neurallm_generate(corpus, 
     export_onnx(run_dir, tmp_path / "m.onnx")
     text = generate_onnx(tmp_path / "m.onnx", run_dir, "the cat", tokens=12, temperature=0)
     assert text == neurallm.load_run(run_dir).generate("the cat", tokens=12, temperature=0).text
+    # sampling too: the same settings and seed draw the same tokens (one sampler for every route)
+    sampled = dict(tokens=25, temperature=0.9, top_k=6, top_p=0.95, seed=2**64 - 1)
+    text = generate_onnx(tmp_path / "m.onnx", run_dir, "the cat", **sampled)
+    assert text == neurallm.load_run(run_dir).generate("the cat", **sampled).text
 
 
 def test_export_into_a_missing_folder_is_one_line(trained_run, tmp_path, capsys):

@@ -285,3 +285,72 @@ def test_the_streamed_pieces_add_up_to_the_text(prompt, level):
     result = generate(net, vocab, TokenizerSettings(level=level), prompt=prompt, tokens=40, seed=3, on_text=pieces.append)
     assert "".join(pieces) == result.text
     assert len(pieces) == 41  # the prompt, then one piece per token: text appears as it is made
+
+
+# --- the one streaming route: stop strings and the stop hook ----------------------------------------------------
+
+
+@pytest.mark.parametrize("stop,continuation", [
+    (["four"], " three "),  # inside the first line
+    (["e\none"], " three four fiv"),  # across a line break: the stop string spans tokens
+    (["zzz", " five"], " three four"),  # the first stop string that appears wins, whichever is listed first
+    (["seven"], " three four five\none two three four five\none two"),  # never made: all 12 tokens
+])
+def test_stop_strings_end_the_text_before_them_and_the_stream_never_shows_them(cycle_lstm, stop, continuation):
+    from neurallm.generation import stream_generation
+    from neurallm.sampling import SamplingSettings
+
+    stream = stream_generation(cycle_lstm, VOCAB, WORD, "one two", SamplingSettings(tokens=12, temperature=0), stop=stop)
+    pieces = [piece.text for piece in stream]
+    assert stream.text == continuation and "".join(pieces) == continuation
+    assert stream.finish_reason == ("length" if stop == ["seven"] else "stop")
+    assert generate(cycle_lstm, VOCAB, WORD, prompt="one two", tokens=12, temperature=0, stop=stop).text == "one two" + continuation
+
+
+def test_the_stop_hook_ends_the_generation_after_the_token_it_saw(cycle_lstm):
+    from neurallm.generation import stream_generation
+    from neurallm.sampling import SamplingSettings
+
+    seen = []
+    stream = stream_generation(cycle_lstm, VOCAB, WORD, "one", SamplingSettings(tokens=50, temperature=0),
+                               should_stop=lambda: len(seen) == 4)
+    for piece in stream:
+        seen.append(piece.token.token)
+    assert seen == ["two", "three", "four", "five"] and stream.finish_reason == "stopped"
+
+
+def test_token_choices_carry_the_models_log_probabilities_and_offsets(cycle_lstm):
+    from neurallm.generation import stream_generation
+    from neurallm.sampling import SamplingSettings
+
+    stream = stream_generation(cycle_lstm, VOCAB, WORD, "one", SamplingSettings(tokens=6, temperature=0), top_logprobs=3)
+    list(stream)
+    for choice in stream.choices:
+        assert choice.top[0][0] == choice.id and choice.top[0][1] == pytest.approx(choice.logprob)  # greedy: the top one
+        assert len(choice.top) == 3 and choice.logprob <= 0
+        assert stream.text[choice.offset:].lstrip(" ").startswith(choice.token if choice.token != EOS else "\n")
+
+
+def test_a_token_id_prompt_continues_as_its_text_does(cycle_lstm):
+    from neurallm.generation import stream_generation
+    from neurallm.sampling import SamplingSettings
+
+    settings = SamplingSettings(tokens=8, seed=3)
+    by_text = stream_generation(cycle_lstm, VOCAB, WORD, "one two", settings)
+    by_ids = stream_generation(cycle_lstm, VOCAB, WORD, VOCAB.encode(["one", "two"])[0], settings)
+    assert [p.text for p in by_ids] == [p.text for p in by_text] and by_ids.prompt_text == "one two"
+    with pytest.raises(ConfigError, match="not in the vocabulary"):
+        stream_generation(cycle_lstm, VOCAB, WORD, [len(VOCAB)], settings)
+
+
+def test_sampling_settings_are_declared_once_for_every_route():
+    from neurallm.cli import build_parser
+    from neurallm.sampling import DEFAULT_TOKENS, SamplingSettings
+
+    generate_parser = build_parser()._subparsers._group_actions[0].choices["generate"]
+    defaults = {a.dest: a for a in generate_parser._actions}
+    assert {"--tokens", "--words"} <= set(defaults["tokens"].option_strings)
+    assert f"(default: {DEFAULT_TOKENS})" in defaults["tokens"].help
+    assert SamplingSettings().tokens == DEFAULT_TOKENS and SamplingSettings(seed=2**64 - 1).seed == 2**64 - 1
+    with pytest.raises(ConfigError, match="--seed"):
+        SamplingSettings(seed=2**64)

@@ -16,10 +16,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 import neurallm  # noqa: E402
 from neurallm.config import ServeConfig  # noqa: E402
+from neurallm.generation import Piece, TokenChoice  # noqa: E402
 from neurallm.scoring import score_texts  # noqa: E402
 from neurallm.server.app import create_app  # noqa: E402
 
 MAX_TOKENS = 30
+BASE_URL = "http://127.0.0.1"  # a Host the server answers (it refuses names it was not bound under)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def run(trained_run):
 
 @pytest.fixture(scope="module")
 def client(run):
-    with TestClient(create_app(run, ServeConfig(max_tokens=MAX_TOKENS, max_prompt_chars=200))) as c:
+    with TestClient(create_app(run, ServeConfig(max_tokens=MAX_TOKENS, max_prompt_chars=200)), base_url=BASE_URL) as c:
         yield c
 
 
@@ -213,7 +215,7 @@ def _blocked_app(run, **limits):
 
 def test_a_full_queue_answers_503_with_retry_after_and_serves_again_when_it_drains(run):
     app, release, drained = _blocked_app(run, max_queue=1)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=BASE_URL) as client:
         for path, body in [("/api/generate", {"tokens": 3}), ("/api/generate/stream", {"tokens": 3}), ("/api/score", {"text": "a"})]:
             busy = client.post(path, json=body)
             assert busy.status_code == 503, path
@@ -226,7 +228,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_serves_again_when_it_drai
 def test_a_request_that_waits_past_the_timeout_gets_504(run):
     app, release, _ = _blocked_app(run, max_queue=4, timeout=0.2)
     try:
-        with TestClient(app) as client:
+        with TestClient(app, base_url=BASE_URL) as client:
             response = client.post("/api/generate", json={"tokens": 3})
             assert response.status_code == 504 and "--timeout" in response.json()["error"]
     finally:
@@ -237,11 +239,23 @@ def test_a_failure_during_a_stream_ends_it_with_an_error_event(run, monkeypatch)
     from neurallm.server import app as server_app
 
     def broken(*args, **kwargs):
-        yield "the"
+        yield Piece("the", TokenChoice(0, "the", -1.0, [], 0))
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(server_app, "iter_generate", broken)
-    with TestClient(create_app(run, ServeConfig(max_tokens=MAX_TOKENS))) as client:
+    app = create_app(run, ServeConfig(max_tokens=MAX_TOKENS))
+    monkeypatch.setattr(server_app, "stream_generation", broken)
+    with TestClient(app, base_url=BASE_URL) as client:
         events = _events(client.post("/api/generate/stream", json={"tokens": 5}).text)
     assert [name for name, _ in events] == ["token", "error"]
     assert events[-1][1]["error"] == "internal error (RuntimeError); the server log has the details"
+
+
+def test_score_warns_as_neurallm_score_does_when_many_tokens_are_unknown(client, monkeypatch):
+    from neurallm import api
+
+    warnings = []
+    monkeypatch.setattr(api.logger, "warning", lambda message, *args, **kwargs: warnings.append(message))
+    assert client.post("/api/score", json={"text": "the cat sat on the mat"}).status_code == 200
+    assert warnings == []
+    assert client.post("/api/score", json={"text": "the quokka and zebra wombat"}).status_code == 200
+    assert len(warnings) == 1 and "<unk>" in warnings[0]

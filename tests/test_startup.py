@@ -41,6 +41,8 @@ def _probe(argv: list[str], cwd: Path) -> dict:
 @pytest.mark.parametrize("argv", [
     ["--help"],
     ["prepare", "--help"],
+    ["generate", "--help"],
+    ["serve", "--help"],
     ["datasets"],
     ["explain", "--range", "1..20"],
     ["explain", "--eval", "--range", "1..40"],

@@ -28,6 +28,7 @@ _LAZY = {
     "EvalResult": "neurallm.evaluation", "evaluate": "neurallm.evaluation", "evaluate_naive": "neurallm.evaluation",
     "explain_evaluation": "neurallm.explain", "explain_training": "neurallm.explain",
     "GenerationResult": "neurallm.generation", "generate": "neurallm.generation",
+    "stream_generation": "neurallm.generation", "SamplingSettings": "neurallm.sampling",
     "keep_freed_memory": "neurallm.runtime",
 }
 
@@ -53,5 +54,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from neurallm.errors import ConfigError, DataError, NeurallmError, RunDirError, TrainingError
     from neurallm.evaluation import EvalResult, evaluate, evaluate_naive
     from neurallm.explain import explain_evaluation, explain_training
-    from neurallm.generation import GenerationResult, generate
+    from neurallm.generation import GenerationResult, generate, stream_generation
     from neurallm.runtime import keep_freed_memory
+    from neurallm.sampling import SamplingSettings

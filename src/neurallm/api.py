@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,10 +34,11 @@ from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
 from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
-from neurallm.generation import GenerationResult, generate
+from neurallm.generation import GenerationResult, generate, sampling_settings
 from neurallm.models import build_model, count_parameters
 from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
 from neurallm.runtime import pick_device
+from neurallm.sampling import SamplingSettings, generation_context
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
 from neurallm import runfolder, weights
@@ -355,14 +356,21 @@ class Run:
         ids = self.eval_data(data, splits=(evaluation.split,), **source_settings).ids(evaluation.split)
         return compare_batch_sizes(self.model, ids, batch_sizes, bptt=self.config.train.bptt, context=evaluation.context)
 
-    def generate(self, prompt: str = "", *, tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 1111, context: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Sample text after ``prompt`` (same seed, same text); ``on_text`` receives the text as it is made."""
-        train = self.config.train
-        context = context if context is not None else train.bptt + self.config.model.memory
-        return generate(self.model, self.vocab, self.config.tokenizer, prompt=prompt, tokens=tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context, on_text=on_text)
+    def generate(self, prompt: str = "", *, on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
+                 **sampling) -> GenerationResult:
+        """Sample text after ``prompt`` (same seed, same text); ``on_text`` receives the text as it is made.
+
+        ``sampling`` are the fields of :class:`~neurallm.sampling.SamplingSettings` (``tokens``, ``temperature``,
+        ``top_k``, ``top_p``, ``seed``, ``context``), with the defaults of ``neurallm generate --help``; ``stop``
+        strings end the text before them.
+        """
+        return generate(self.model, self.vocab, self.config.tokenizer, prompt=prompt, on_text=on_text, stop=stop,
+                        **asdict(self.sampling(sampling_settings(sampling))))
+
+    def sampling(self, settings: SamplingSettings) -> SamplingSettings:
+        """``settings`` with this run's generation context filled in (``bptt + memory`` unless given)."""
+        train, model = self.config.train, self.config.model
+        return replace(settings, context=generation_context(settings, train.bptt, model.memory))
 
 
 def load_run(run_dir: str | Path, **settings) -> Run:

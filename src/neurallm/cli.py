@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neurallm._version import __version__
@@ -36,7 +36,6 @@ from neurallm.errors import ConfigError, NeurallmError, PeerLostError
 from neurallm.run_config import TRAIN_SETTINGS
 from neurallm.settings import Setting, format_value, settings_of
 
-DEFAULT_TOKENS = 1000
 
 
 def _with_default(help_text: str, default) -> str:
@@ -259,16 +258,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
+    from neurallm.sampling import SamplingSettings
+
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", default="", help="text to continue (default: none)")
-    p.add_argument("--tokens", "--words", type=int, default=DEFAULT_TOKENS,
-                   help=_with_default("tokens to generate, at most 1,000,000, printed as they are made "
-                                      "(--words: the PyTorch example's name)", DEFAULT_TOKENS))
-    p.add_argument("--temperature", type=float, default=1.0, help=_with_default("0 = greedy", 1.0))
-    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability P (default: 1)")
-    p.add_argument("--seed", type=int, default=1111, help=_with_default("random seed; the same seed gives the same text", 1111))
-    _add_context_flag(p, "bptt + memory; RNNs carry their whole history in their state")
+    add_setting_flags(p, "sampling", SamplingSettings)
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the text before the first TEXT it makes (repeat for several) (default: none)")
     p.add_argument("--out", "--outf", help="write the text to this file (--outf: the PyTorch example's name) "
                                            "(default: standard output)")
     _add_checkpoint_flag(p)
@@ -281,9 +277,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # checked before the model loads: never a run's own file; `-` is standard output
     target = check_output_path(args.out, "--out", stdout=True, what="the text") if args.out else None
+    from neurallm.sampling import SamplingSettings
+
+    settings = SamplingSettings(**given_settings(args, SamplingSettings))  # checked before the run is loaded
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    settings = dict(tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, context=args.context)
+    settings = {**asdict(run.sampling(settings)), "stop": args.stop or ()}
     pieces = [0]  # pieces written so far: the prompt's, then one per token
 
     def stream(write: Callable[[str], object], flush: Callable[[], None]) -> Callable[[str], None]:
@@ -417,6 +415,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_VARIABLE = "NEURALLM_API_KEY"
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from neurallm.config import ServeConfig
 
@@ -430,7 +431,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from neurallm.config import ServeConfig
     from neurallm.server import serve
 
-    serve(args.run, ServeConfig(**given_settings(args, ServeConfig)), checkpoint=args.checkpoint, device=args.device)
+    import os
+
+    settings = given_settings(args, ServeConfig)
+    if "api_key" not in settings and os.environ.get(API_KEY_VARIABLE):  # a key in argv shows in `ps`; this does not
+        settings["api_key"] = os.environ[API_KEY_VARIABLE]
+    serve(args.run, ServeConfig(**settings), checkpoint=args.checkpoint, device=args.device)
     return 0
 
 

@@ -378,6 +378,13 @@ class ServeConfig:
     max_prompt_chars: int = setting(4000, help="longest prompt (and scored text) accepted, in characters")
     max_queue: int = setting(64, help="requests running or waiting for the model; the next one gets 503 with Retry-After")
     timeout: float = setting(60.0, help="seconds a request may wait and run before it gets 504")
+    allowed_hosts: tuple[str, ...] | None = setting(
+        None, parse=lambda text: tuple(name.strip() for name in text.split(",") if name.strip()), metavar="NAMES",
+        default_text="the --host name (and localhost, 127.0.0.1, ::1 on loopback; any on 0.0.0.0)",
+        help="comma-separated Host header names answered besides the default (* for any); others get 400")
+    api_key: str | None = setting(None, metavar="KEY", default_text="none: any key is accepted",
+                                  help="the key OpenAI-compatible clients must send (Authorization: Bearer KEY); "
+                                       "a wrong or missing key gets 401")
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port must be 1..65535 (0: any free port), got {self.port}")
@@ -385,3 +392,6 @@ class ServeConfig:
         _require(self.max_prompt_chars >= 1, f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         _require(self.max_queue >= 1, f"--max-queue must be at least 1, got {self.max_queue}")
         _require(self.timeout > 0, f"--timeout must be positive seconds, got {self.timeout}")
+        _require(self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty; leave it out to accept any key")
+        _require(self.allowed_hosts is None or len(self.allowed_hosts) > 0,
+                 "--allowed-hosts needs at least one name (or * for any)")

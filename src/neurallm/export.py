@@ -101,40 +101,41 @@ def onnx_initial_state(session, batch_size: int = 1) -> dict[str, np.ndarray]:
             for name, shape in shapes.items()}
 
 
-def generate_onnx(onnx_file: str | Path, run_dir: str | Path, prompt: str = "", *, tokens: int = 100,
-                  temperature: float = 1.0, seed: int = 1111) -> str:
-    """Sample ``tokens`` tokens after ``prompt`` with onnxruntime alone (the run folder supplies the vocabulary
-    and tokenizer); returns the prompt and its continuation as text.
+def generate_onnx(onnx_file: str | Path, run_dir: str | Path, prompt: str = "", **sampling) -> str:
+    """Sample after ``prompt`` with onnxruntime running the model (the run folder supplies the vocabulary and
+    tokenizer); returns the prompt and its continuation as text.
 
-    The state outputs of one call are the state inputs of the next, so each new token costs one step; a
-    Transformer without memory carries nothing, so it is fed its last ``bptt`` tokens every step instead.
+    ``sampling`` are the fields of :class:`~neurallm.sampling.SamplingSettings`, with ``neurallm generate``'s
+    defaults, and tokens are drawn as :func:`neurallm.generation.sample_next` draws them: the same seed gives the
+    text ``neurallm generate`` writes, up to the runtimes' rounding. The state outputs of one call are the state
+    inputs of the next, so each new token costs one step; a Transformer without memory carries nothing, so it is
+    fed its last ``context`` tokens every step instead.
     """
     import onnxruntime
 
-    from neurallm.generation import continue_text, prompt_to_tokens
     from neurallm.data.tokenizers import line_break_token
+    from neurallm.generation import continue_text, prompt_to_tokens, sample_next, sampling_settings
     from neurallm.runfolder import read_run_config, read_vocab
+    from neurallm.sampling import generation_context
 
+    settings = sampling_settings(sampling)
     config = read_run_config(Path(run_dir))
     vocab = read_vocab(Path(run_dir), config.tokenizer)
+    context = generation_context(settings, config.train.bptt, config.model.memory)
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     stateless = config.model.model == "Transformer" and config.model.memory == 0
-    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     history = vocab.encode(prompt_to_tokens(prompt, config.tokenizer, vocab.bpe)
                            or [line_break_token(config.tokenizer, vocab.bpe)])[0]
-    state, feed = onnx_initial_state(session), history
+    state, feed = onnx_initial_state(session), history[-context:] if stateless else history
     generated: list[str] = []
-    for _ in range(tokens):
+    for _ in range(settings.tokens):
         outputs = session.run(None, {"ids": np.asarray(feed, dtype=np.int64).reshape(-1, 1), **state})
         if not stateless:
             state = dict(zip(state, outputs[1:]))
-        log_probs = outputs[0][-1, 0].astype(np.float64)  # (V,)
-        if temperature == 0:
-            next_id = int(log_probs.argmax())
-        else:
-            probs = np.exp((log_probs - log_probs.max()) / temperature)
-            next_id = int(rng.choice(len(probs), p=probs / probs.sum()))
+        log_probs = torch.from_numpy(outputs[0][-1, 0])  # (V,)
+        next_id = sample_next(log_probs, settings.temperature, settings.top_k, settings.top_p, generator)
         generated.append(vocab.tokens[next_id])
         history.append(next_id)
-        feed = history[-config.train.bptt:] if stateless else [next_id]
+        feed = history[-context:] if stateless else [next_id]
     return continue_text(prompt, generated, config.tokenizer, vocab.bpe)

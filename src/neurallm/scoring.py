@@ -181,3 +181,64 @@ def _run_column(model: LanguageModel, ids: np.ndarray, column: EvalColumn, windo
         pieces.append(log_probs.gather(1, targets[row : row + window, None])[:, 0])
     values = torch.cat(pieces).double().cpu().numpy()
     return values[column.score_start - 1 - column.start :]  # burn-in targets are not scored
+
+
+@dataclass
+class IdScores:
+    """Log-probabilities of a token-id sequence (see :func:`score_ids`).
+
+    Attributes:
+        logprobs: natural-log probability of ``ids[1:]``, each given the ids before it.
+        top: per scored position, the ``top`` most likely (id, log-probability) pairs, most likely first.
+    """
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+@torch.no_grad()
+def score_ids(model: LanguageModel, ids: list[int], *, bptt: int, context: int | None = None, top: int = 0) -> IdScores:
+    """Score ``ids[1:]`` by :func:`score_texts`' rules (one document, state carried; sliding windows of ``context``
+    for a model without state), optionally with the ``top`` most likely alternatives at each position.
+
+    ``ids[0]`` is the token the document is read after (:func:`score_texts` puts the line-break token there), so
+    for the same tokens the log-probabilities are :func:`score_texts`' own. This is the scorer of the server's
+    ``echo`` and of clients that hold token ids rather than text.
+    """
+    if context is not None and context < 0:
+        raise ConfigError(f"--context must be 0 or more, got {context}")
+    if len(ids) < 2:
+        return IdScores([], [])
+    context = default_context(model, bptt) if context is None else context
+    array = np.asarray(ids, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        layout = model.eval_layout(bptt)
+        if layout.carries_state:
+            parts = [_score_column(model, array, EvalColumn(0, 1, len(ids)), layout.window, top)]
+        else:
+            columns = plan_sliding_windows(len(ids), max(1, layout.window - context), context)
+            parts = [_score_column(model, array, column, column.length, top) for column in columns]
+    finally:
+        model.train(was_training)
+    return IdScores([v for values, _ in parts for v in values], [t for _, tops in parts for t in tops])
+
+
+def _score_column(model: LanguageModel, ids: np.ndarray, column: EvalColumn, window: int,
+                  top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """One column from a cold state in windows: its scored targets' log-probabilities and top alternatives."""
+    device = next(model.parameters()).device
+    inputs = torch.from_numpy(ids[column.start : column.score_stop - 1]).to(device).view(-1, 1)  # (T, 1)
+    targets = torch.from_numpy(ids[column.start + 1 : column.score_stop]).to(device)  # (T,)
+    state = model.init_state(1, device)
+    values, tops = [], []
+    for row in range(0, inputs.size(0), window):
+        features, state = model.features(inputs[row : row + window], state)  # (t, 1, D)
+        log_probs = model.head.log_probs(features[:, 0])  # (t, V)
+        values.append(log_probs.gather(1, targets[row : row + window, None])[:, 0].double().cpu())
+        if top:
+            best, best_ids = torch.topk(log_probs, min(top, log_probs.size(1)), dim=1)
+            tops.extend(list(zip(i, v)) for i, v in zip(best_ids.tolist(), best.double().tolist()))
+    skip = column.burn_in  # burn-in targets are not scored
+    return torch.cat(values).tolist()[skip:], tops[skip:]

@@ -39,8 +39,18 @@ def serve(run_dir: str | Path, settings: ServeConfig, *, checkpoint: str = "best
     app = create_app(run, settings)
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    print(f"serving {run.folder} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    print(f"serving {run.folder} at http://{host}:{port}/ (API docs at /docs; OpenAI-compatible API at /v1); Ctrl-C stops",
+          flush=True)
+    worker = app.state.worker
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Ctrl-C or SIGTERM: stop the model work in flight first, so each request gets a clean 503 ("the
+            # server is stopping") at its next token instead of being cut off by the graceful-shutdown timeout
+            worker.shutdown()
+            super().handle_exit(sig, frame)
+
+    server = StoppingServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

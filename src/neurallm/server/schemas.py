@@ -9,15 +9,30 @@ JSON error naming the field. The caps depend on the server's settings (``--max-t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from neurallm.config import ServeConfig
+from neurallm.sampling import MAX_CONTEXT, MAX_SEED, SamplingSettings
+from neurallm.settings import settings_of
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
-MAX_TEMPERATURE = 100.0
-DEFAULT_TOKENS = 100
+MAX_TEMPERATURE = 100.0  # a higher temperature is uniform sampling in all but name
+
+
+def sampling_fields(settings: ServeConfig) -> dict[str, Any]:
+    """Pydantic fields for the sampling settings, from :class:`SamplingSettings`' own fields (defaults, help),
+    with the server's caps: ``tokens`` at most ``--max-tokens`` (the default too)."""
+    bounds = {"tokens": dict(ge=1, le=settings.max_tokens), "temperature": dict(ge=0.0, le=MAX_TEMPERATURE),
+              "top_k": dict(ge=1), "top_p": dict(gt=0.0, le=1.0), "seed": dict(ge=0, le=MAX_SEED),
+              "context": dict(ge=1, le=MAX_CONTEXT)}
+    fields = {}
+    for s in settings_of(SamplingSettings):
+        default = min(s.default, settings.max_tokens) if s.name == "tokens" else s.default
+        kind = s.kind | None if s.optional else s.kind
+        fields[s.name] = (kind, Field(default, description=s.help_with_default(), **bounds[s.name]))
+    return fields
 
 
 class GenerateResponse(BaseModel):
@@ -57,15 +72,11 @@ class RequestModels:
 def request_models(settings: ServeConfig) -> RequestModels:
     """The request bodies, with the caps of ``settings``."""
 
-    class GenerateRequest(BaseModel):
-        model_config = STRICT
-        prompt: str = Field("", max_length=settings.max_prompt_chars, description="text to continue")
-        tokens: int = Field(min(DEFAULT_TOKENS, settings.max_tokens), ge=1, le=settings.max_tokens,
-                            description="tokens to generate")
-        temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy")
-        top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
-        top_p: float | None = Field(None, gt=0.0, le=1.0, description="sample among the most likely tokens summing to p")
-        seed: int = Field(1111, ge=0, le=MAX_SEED, description="the same seed gives the same text")
+    GenerateRequest = create_model(
+        "GenerateRequest", __config__=STRICT,
+        prompt=(str, Field("", max_length=settings.max_prompt_chars, description="text to continue")),
+        **sampling_fields(settings),
+    )
 
     class ScoreRequest(BaseModel):
         model_config = STRICT
@@ -73,3 +84,8 @@ def request_models(settings: ServeConfig) -> RequestModels:
                           description="text to score; its lines are read in order, context carried across them")
 
     return RequestModels(GenerateRequest, ScoreRequest)
+
+
+def sampling_of(body: BaseModel) -> SamplingSettings:
+    """The :class:`SamplingSettings` a request body gives."""
+    return SamplingSettings(**{s.name: getattr(body, s.name) for s in settings_of(SamplingSettings)})

@@ -27,7 +27,11 @@ class DeadlinePassed(Exception):
     """The request's time ran out (while it waited or while it ran)."""
 
 
-@dataclass
+class ShuttingDown(Exception):
+    """The server is stopping: no new work is taken, and work in progress stops at its next token."""
+
+
+@dataclass(eq=False)  # hashed by identity: the worker keeps a set of the admitted ones
 class Deadline:
     """When a request must be done by; also lets the request's owner stop it early (a client that left)."""
 
@@ -48,9 +52,15 @@ class ModelWorker:
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neurallm-model")
         self._slots = threading.BoundedSemaphore(max_queue)
+        self._admitted: set[Deadline] = set()
+        self._lock = threading.Lock()
+        self.closing = False
 
     def submit(self, fn: Callable[..., T], *args, deadline: Deadline | None = None) -> Future:
-        """Queue ``fn(*args)``; raises :class:`QueueFull` at once when ``max_queue`` calls are admitted."""
+        """Queue ``fn(*args)``; raises :class:`QueueFull` at once when ``max_queue`` calls are admitted, and
+        :class:`ShuttingDown` once :meth:`shutdown` was called."""
+        if self.closing:
+            raise ShuttingDown
         if not self._slots.acquire(blocking=False):
             raise QueueFull
 
@@ -59,13 +69,27 @@ class ModelWorker:
                 deadline.check()  # its time ran out while it waited: skip the work
             return fn(*args)
 
-        try:
-            future = self._executor.submit(run)
-        except BaseException:
+        with self._lock:
+            try:
+                future = self._executor.submit(run)
+            except BaseException:
+                self._slots.release()
+                raise
+            if deadline is not None:
+                self._admitted.add(deadline)
+
+        def finished(_: Future) -> None:
+            with self._lock:
+                self._admitted.discard(deadline)
             self._slots.release()
-            raise
-        future.add_done_callback(lambda _: self._slots.release())
+
+        future.add_done_callback(finished)
         return future
 
     def shutdown(self) -> None:
+        """Take no more work and stop what is admitted at its next token (the server is stopping)."""
+        with self._lock:
+            self.closing = True
+            for deadline in self._admitted:
+                deadline.cancelled.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
