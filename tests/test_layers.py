@@ -5,7 +5,7 @@
     _version, errors
       └ settings, fileio, locking, runtime, distributed, presets,      plain helpers
         elastic
-          └ config                                                      model/train/eval/serve settings
+          └ config, sampling                                            model/train/eval/serve/sampling settings
               └ data                                                    text → tokens → vocab → ids → batches
                   └ run_config, runfolder, outputs                      a run's config.json, its folder, output paths
                       └ models, weights
@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"neurallm._version", "neurallm.errors"},
     {"neurallm.settings", "neurallm.fileio", "neurallm.locking", "neurallm.runtime", "neurallm.distributed",
      "neurallm.presets", "neurallm.elastic"},
-    {"neurallm.config"},
+    {"neurallm.config", "neurallm.sampling"},
     {"neurallm.data"},
     {"neurallm.run_config", "neurallm.runfolder", "neurallm.outputs"},
     {"neurallm.models", "neurallm.weights"},
