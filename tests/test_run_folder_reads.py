@@ -147,7 +147,7 @@ def test_the_server_app_starts_and_answers_info_on_a_run_whose_facts_are_damaged
     replace_with(run_copy / "results.json", "dev-zero")
     replace_with(run_copy / "metrics.jsonl", "fifo")
     app = finishes(lambda: create_app(neurallm.load_run(run_copy), ServeConfig()))
-    info = TestClient(app).get("/api/info").json()
+    info = TestClient(app, base_url="http://127.0.0.1").get("/api/info").json()
     assert info["test"] is None and info["epochs"] == 0
 
 
