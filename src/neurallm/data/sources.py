@@ -223,6 +223,8 @@ def split_bounds(total: int, ratios: tuple[float, float, float], path: Path) -> 
 def document_splits(total: int, ratios: tuple[float, float, float], seed: int, path: Path) -> dict[str, np.ndarray]:
     """Indices of the documents of train/valid/test for ``split_by="documents"``: the ``total`` documents of a file
     shuffled with ``seed`` and cut by ``ratios``; each split lists its documents in the shuffled order."""
+    import numpy as np  # here: `neurallm --help` imports this module and needs no numpy
+
     order = np.random.default_rng(seed).permutation(total)
     return {split: order[start:stop] for split, (start, stop) in split_bounds(total, ratios, path).items()}
 
@@ -489,7 +491,7 @@ def _csv_rows(f: TextIO, on_empty: Callable[[], None] = _ignore, *, path: Path, 
         if len(row) <= max(columns):
             raise DataError(f"{path}, row {row_number}: has {len(row)} fields, fewer than the header; fix that row")
         text = " ".join(" ".join(row[i] for i in columns).splitlines())
-        if not text.strip() and drop_empty:
+        if not text.strip():
             on_empty()
             continue
         yield text

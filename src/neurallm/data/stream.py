@@ -313,6 +313,7 @@ def _write_prepared(folder: Path, corpus: Corpus, source: SourceSettings, tokeni
                                    **writer.text_units[split]}
                            for split, a in writer.arrays.items()},
                 "empty_dropped": writer.empty_dropped,
+                **({"char_space_share": round(writer.char_space_share, 4)} if writer.char_space_share is not None else {}),
                 "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
             }
             # plain writes: the temp folder is swapped in whole, after atomic_folder has fsynced every file
@@ -365,6 +366,7 @@ class _Writer:
         self.text_units: dict[str, dict[str, int]] = {}
         self._file_units = (0, 0)  # characters and bytes of the file _append read last
         self.unk_id = 0  # the vocabulary's, once it is known
+        self.char_space_share: float | None = None  # share of spaces among train's characters (char level)
         self.empty_dropped = 0  # CSV rows and JSONL records with blank text, not turned into lines
 
     def write(self, tmp: Path, vocab: Vocab | None, vocab_settings: VocabSettings) -> Vocab:
@@ -380,6 +382,8 @@ class _Writer:
                 vocab = build_vocab(train_counts, self.tokenizer.level, min_freq=vocab_settings.min_freq,
                                     max_vocab=vocab_settings.max_vocab)
                 check_vocab_has_tokens(vocab, train_counts, vocab_settings, self.tokenizer.level)
+                if self.tokenizer.level == "char":  # for the hint on space-separated character files (data/trust.py)
+                    self.char_space_share = train_counts.get(" ", 0) / max(1, counts.sum())
             self.id_itemsize = vocab.id_dtype().itemsize
             self.unk_id = vocab.unk_id
             # provisional id → final id; types outside the vocabulary become <unk> (and are counted)

@@ -52,6 +52,7 @@ from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
+from neurallm.data.trust import log_corpus_warnings
 from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
@@ -535,8 +536,11 @@ class Trainer:
                 ckpt.check_run_dir_still_there(self.run_dir)  # the folder went: one line, nothing recreated
                 raise
         mfu_text = "" if utilisation is None else f" | MFU {utilisation:.1%}"
+        # a stop in mid-epoch (--max-time, Ctrl-C) is not an epoch: the line says how much of it ran
+        ended = f"end of epoch {record['epoch']:3d}" if epoch_done else \
+            f"epoch {record['epoch']} stopped after {self.window:,} of {len(self.batches):,} batches"
         logger.info(
-            f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
+            f"| {ended} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {valid.loss:.3f} | valid ppl {valid.ppl:9.2f} | lr {self.schedule.lr:.3g} | "
             f"{record['tokens_per_s']:,.0f} tok/s{mfu_text}"
         )
@@ -557,6 +561,8 @@ class Trainer:
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
         logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
+        if self.ranks.is_main:  # beside the result they qualify: a test split too small, or mostly <unk>
+            log_corpus_warnings(self.data.meta, logger, ("test",))
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
 
 
