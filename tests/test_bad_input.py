@@ -348,6 +348,7 @@ def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, word_ru
         shutil.copytree(word_run, tmp_path / "copy")
     if setup is not None:
         setup(tmp_path)
+        capsys.readouterr()  # what the setup printed (a prepare's warnings) is not the refused command's
     before = _listing(tmp_path / "copy")
     code = main(_argv(argv, tmp_path, word_run))
     err = capsys.readouterr().err

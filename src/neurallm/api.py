@@ -59,7 +59,6 @@ def open_training_data(data: str | Path, settings: dict) -> tuple[PreparedCorpus
     source = SourceSettings(data=_data_name(data), **source)
     tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
     prepared = prepare_corpus(source, tokenizer, vocab)
-    log_corpus_warnings(prepared.meta, logger)  # before hours of training on a split too small or mostly <unk>
     if not Path(source.data).exists():  # a dataset name: record where it was found, for eval from any folder
         location = dataset_location(source)
         source = replace(source, location=None if location is None else str(location))
@@ -119,6 +118,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
                     ckpt.write_run_files(out, config, prepared.vocab)
 
             ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
+            if ranks.is_main:  # once the run starts (a refused command says its one line alone)
+                log_corpus_warnings(prepared.meta, logger)  # splits too small, or mostly <unk>, to trust
             logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
                         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
                         + _processes_note(ranks))

@@ -82,16 +82,19 @@ def test_activations_grow_with_the_tokens_of_a_step(model):
     config = ModelConfig(model=model, vocab_size=1000, emsize=32, nhid=64, nhead=2)
     small, large = (activation_bytes(config, TrainConfig(bptt=35, batch_size=b), CPU) for b in (10, 20))
     assert large == 2 * small > 0
+    # a step never holds more than the train split: a window larger than the data is capped (and refused elsewhere)
+    assert activation_bytes(config, TrainConfig(bptt=100_000, batch_size=1), CPU, train_tokens=700) == \
+        activation_bytes(config, TrainConfig(bptt=700, batch_size=1), CPU)
 
 
 def test_a_refused_transformer_window_leaves_no_run_folder(tmp_path, capsys):
     from conftest import write_patterned_corpus
     from neurallm.cli import main
 
-    corpus = write_patterned_corpus(tmp_path / "corpus", lines=40)
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=30_000)  # enough text for one window of 100,000
     out = tmp_path / "run"
     argv = ["train", "--data", str(corpus), "--out", str(out), "--model", "Transformer", "--emsize", "16", "--nhid", "16",
-            "--nhead", "2", "--nlayers", "1", "--bptt", "1000000", "--batch-size", "1", "--epochs", "1"]
+            "--nhead", "2", "--nlayers", "1", "--bptt", "100000", "--batch-size", "1", "--epochs", "1"]
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "choose a smaller --bptt or --batch-size" in err and "Traceback" not in err

@@ -80,7 +80,8 @@ def corpus_warnings(meta: dict, splits: tuple[str, ...] | None = None) -> list[s
             continue
         tokens = int(counts.get("tokens", 0))
         replaced = int(counts.get("unk", 0)) / max(1, tokens - 1) if "unk_targets" in counts else None
-        for warning in (small_split_warning(split, tokens),
+        # a small train split is no measurement: only valid and test results are quoted
+        for warning in (small_split_warning(split, tokens) if split != "train" else None,
                         unk_warning(unk_target_share(counts), f"{split} targets", replaced)):
             if warning is not None:
                 warnings.append(warning)

@@ -61,27 +61,34 @@ def available_bytes(device: torch.device, meminfo: Path = MEMINFO) -> int | None
     return None
 
 
-def activation_bytes(model: ModelConfig, train: TrainConfig, device: torch.device) -> int:
+def activation_bytes(model: ModelConfig, train: TrainConfig, device: torch.device, train_tokens: int | None = None) -> int:
     """Bytes one training step keeps for its backward pass (float32): per token and layer, the layer's
     intermediate values and, for a Transformer whose attention scores are materialised (PyTorch's math kernel, which
     training with dropout uses on the CPU), ``nhead × (memory + bptt)`` scores, their softmax and dropout; on an
-    accelerator, the logits over the vocabulary (the CPU head computes its loss in slices)."""
-    tokens = train.batch_size * train.bptt
+    accelerator, the logits over the vocabulary (the CPU head computes its loss in slices). ``train_tokens``
+    (the train split's length) caps the window: a step never holds more tokens than the data has (settings that
+    ask for more are refused by the batching check, which names them)."""
+    bptt, batch_size = train.bptt, train.batch_size
+    if train_tokens is not None:
+        batch_size = max(1, min(batch_size, train_tokens))
+        bptt = max(1, min(bptt, train_tokens // batch_size))
+    tokens = batch_size * bptt
     if model.model == "Transformer":
         per_layer = 12 * model.emsize + 3 * model.nhid
         if device.type == "cpu":
-            per_layer += 3 * model.nhead * (model.memory + train.bptt)
+            per_layer += 3 * model.nhead * (model.memory + bptt)
     else:
         per_layer = 8 * max(model.emsize, model.nhid)
     per_token = model.nlayers * per_layer + 2 * model.emsize + (3 * model.vocab_size if device.type != "cpu" else 0)
     return tokens * per_token * 4
 
 
-def check_model_fits(model: ModelConfig, train: TrainConfig, device: torch.device, meminfo: Path = MEMINFO) -> None:
+def check_model_fits(model: ModelConfig, train: TrainConfig, device: torch.device, meminfo: Path = MEMINFO,
+                     train_tokens: int | None = None) -> None:
     """Refuse, in one line naming the flags, a model whose parameters and one step's activations would not fit in
-    memory (before anything is allocated)."""
+    memory (before anything is allocated); ``train_tokens`` as :func:`activation_bytes`."""
     available = available_bytes(device, meminfo)
-    activations = activation_bytes(model, train, device)
+    activations = activation_bytes(model, train, device, train_tokens)
     if available is None or 2 * (training_bytes(parameter_bound(model), train.optimizer) + activations) < available:
         return
     parameters = parameter_count(model)

@@ -195,7 +195,7 @@ class Trainer:
         train = config.train
         # under torchrun, CUDA means this rank's own GPU (cuda:LOCAL_RANK)
         self.device = ranks.device if ranks.device.type == "cuda" else pick_device(train.device)
-        check_model_fits(config.model, train, self.device)  # before the allocator fails with a traceback
+        check_model_fits(config.model, train, self.device, train_tokens=len(data.ids("train")))  # before the allocator fails
         seed_everything(train.seed)
         self.model: LanguageModel = build_model(config.model).to(self.device)
         if ranks.distributed:
