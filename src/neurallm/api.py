@@ -23,7 +23,8 @@ from torch import nn
 from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
-from neurallm.data.trust import UNK_WARN_SHARE, log_corpus_warnings, small_split_warning, unk_target_share, unk_warning
+# UNK_WARN_SHARE: named in this module's docstrings, and importable from here as before
+from neurallm.data.trust import UNK_WARN_SHARE, log_corpus_warnings, small_split_warning, unk_shares, unk_target_share, unk_warning
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
@@ -266,9 +267,8 @@ class Run:
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
         counts = corpus.meta["splits"][split]
-        result.unk_share = unk_share(corpus, split)
+        result.unk_share, replaced = unk_shares(counts)
         with_text_units(result, counts)
-        replaced = counts["unk"] / max(1, counts["tokens"] - 1) if "unk_targets" in counts else None
         warn_if_many_unknown(result.unk_share, f"{split} targets of {corpus.meta.get('source', {}).get('data', data)}",
                              replaced)
         small = small_split_warning(split, result.tokens)

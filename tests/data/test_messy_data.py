@@ -19,7 +19,7 @@ from neurallm.data.sources import SourceSettings, open_corpus
 from neurallm.data.stream import prepare_corpus
 from neurallm.data.tokenizers import EOS, TokenizerSettings
 from neurallm.data.trust import SMALL_SPLIT_TOKENS, corpus_warnings, unk_target_share
-from neurallm.errors import ConfigError, DataError
+from neurallm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

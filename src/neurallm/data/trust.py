@@ -38,6 +38,16 @@ def unk_target_share(counts: dict) -> float:
     return int(unk) / max(1, tokens - 1)
 
 
+def unk_shares(counts: dict) -> tuple[float, float | None]:
+    """The share of ``<unk>`` targets and the part of it that replaced words the vocabulary lacks (None for a corpus
+    prepared before the targets were counted); the replacements are counted over every token, the first too, so
+    the part is capped at the share."""
+    share = unk_target_share(counts)
+    if "unk_targets" not in counts:
+        return share, None
+    return share, min(share, int(counts.get("unk", 0)) / max(1, int(counts.get("tokens", 0)) - 1))
+
+
 def small_split_warning(split: str, tokens: int) -> str | None:
     """The warning for a ``split`` of ``tokens`` tokens, or None when it is large enough."""
     if tokens >= SMALL_SPLIT_TOKENS:
@@ -79,10 +89,10 @@ def corpus_warnings(meta: dict, splits: tuple[str, ...] | None = None) -> list[s
         if not isinstance(counts, dict):
             continue
         tokens = int(counts.get("tokens", 0))
-        replaced = int(counts.get("unk", 0)) / max(1, tokens - 1) if "unk_targets" in counts else None
+        share, replaced = unk_shares(counts)
         # a small train split is no measurement: only valid and test results are quoted
         for warning in (small_split_warning(split, tokens) if split != "train" else None,
-                        unk_warning(unk_target_share(counts), f"{split} targets", replaced)):
+                        unk_warning(share, f"{split} targets", replaced)):
             if warning is not None:
                 warnings.append(warning)
     return warnings
