@@ -104,6 +104,12 @@ def test_a_text_file_split_by_documents_keeps_paragraphs_whole(tmp_path):
         numbers = {word for word in text.split() if word.isdigit()}
         for number in numbers:  # both lines of each paragraph are in the same split
             assert text.count(f"paragraph {number} first") == text.count(f"paragraph {number} second") == 1
+    assert sum(_decoded(prepared, split).count(EOS) for split in ("train", "valid", "test")) == 30 * 3 - 1
+    # 30 documents of 2 lines (+ the blank line after each but the last): 27 train, 1 valid, 2 test paragraphs
+    assert [_decoded(prepared, s).count("first") for s in ("train", "valid", "test")] == [27, 1, 2]
+    for split in ("train", "valid", "test"):  # each split starts with a paragraph's first line
+        assert _decoded(prepared, split)[:2] == ["paragraph", _decoded(prepared, split)[1]]
+        assert _decoded(prepared, split)[2] == "first"
     corpus = open_corpus(SourceSettings(data=str(data), split_by="documents", split_seed=1))
     train_lines = [line for line in corpus.lines("train") if line.strip()]
     assert len(train_lines) == 2 * 27  # the BPE trainer's view of train: its paragraphs' lines

@@ -451,7 +451,8 @@ class _Writer:
 
         try:
             for line in source_file.lines(self.source_digest, count_empty):
-                if ends_file is not None and n_lines and starts_unit(line):
+                begins = starts_unit(line)  # called on every line: a paragraph's start depends on the line before
+                if ends_file is not None and n_lines and begins:
                     # the unit before this line ends here
                     unit_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
                     if len(unit_ends) >= _SPOOL_ITEMS:
