@@ -339,6 +339,7 @@ def test_user_mistake_is_one_clean_line(argv, setup, expected, tmp_path, trained
         copy_run(trained_run, tmp_path / "copy")
     if setup is not None:
         setup(tmp_path)
+        capsys.readouterr()  # what the setup printed (a prepare's warnings) is not the refused command's
     before = _listing(tmp_path / "copy")
     code = main(_argv(argv, tmp_path, trained_run))
     err = capsys.readouterr().err

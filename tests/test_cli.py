@@ -305,12 +305,14 @@ def test_eval_on_a_foreign_corpus_reports_the_unk_share_and_warns(trained_run, t
         (foreign / f"{split}.txt").write_text("the zebra ate the grass quickly the\n" * 40, encoding="utf-8")
     assert main(["eval", str(trained_run), "--data", str(foreign), "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["unk_share"] == pytest.approx(4 / 8)  # stdout: the one JSON object alone
-    [warning] = captured.err.splitlines()
-    assert "warning: 50.0% of the test tokens" in warning and "<unk>" in warning
-    assert main(["eval", str(trained_run)]) == 0  # its own corpus: every word known, no warning
+    # stdout: the one JSON object alone; the share is of the 319 targets (the first token is none), 160 unknown
+    assert json.loads(captured.out)["unk_share"] == pytest.approx(160 / 319)
+    [warning] = [line for line in captured.err.splitlines() if "<unk>" in line]
+    assert "warning: 50.2% of the test targets" in warning
+    assert "50.2% not in the vocabulary, 0.0% written <unk> in the text" in warning
+    assert main(["eval", str(trained_run)]) == 0  # its own corpus: every word known, no <unk> warning
     captured = capsys.readouterr()
-    assert "<unk> 0.0%" in captured.out and captured.err == ""
+    assert "<unk> 0.0%" in captured.out and "<unk>" not in captured.err
 
 
 def _subparsers() -> dict:

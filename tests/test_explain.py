@@ -167,3 +167,19 @@ def test_the_drawn_layout_is_what_batchify_cuts(n_tokens, batch_size):
 
     tokens = [str(i) for i in range(n_tokens)]
     assert _layout(tokens, batch_size) == batchify(torch.arange(n_tokens), batch_size).tolist()
+
+
+@pytest.mark.parametrize("argv", [["--range", "1..1000000000"], ["--range", "0..5000"],
+                                  ["--text", "word " * 5001], ["--eval", "--range", "1..99999999999999999999"]])
+def test_a_stream_too_long_to_draw_is_refused_in_one_line_before_it_is_built(argv, capsys):
+    import tracemalloc
+
+    from neurallm.cli import main
+
+    tracemalloc.start()
+    assert main(["explain", *argv]) != 0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "explain draws at most 5,000 tokens" in err[0]
+    assert peak < 50_000_000  # nothing the size of the stream was allocated

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from neurallm.data.batching import ContiguousBatches, batchify, plan_eval_columns, plan_sliding_windows
@@ -150,6 +150,10 @@ RATIOS = (0.4, 0.3, 0.3)
 field_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30)
 
 
+def _nonblank(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.strip()]
+
+
 def read_all(settings: SourceSettings) -> list[str]:
     corpus = open_corpus(settings)
     return [line for split in ("train", "valid", "test") for line in corpus.lines(split)]
@@ -165,10 +169,12 @@ def test_csv_fields_read_back_one_line_per_row(rows, suffix):
             writer = csv.writer(f, dialect=csv.excel_tab if suffix == "tsv" else csv.excel)
             writer.writerow(["title", "body", "other"])
             writer.writerows(rows)
-        lines = read_all(SourceSettings(str(path), text_column="body", split_ratios=RATIOS))
-        assert lines == [" ".join(body.splitlines()) for _, body, _ in rows]
-        joined = read_all(SourceSettings(str(path), text_column="title,body", split_ratios=RATIOS))
-        assert joined == [" ".join(f"{title} {body}".splitlines()) for title, body, _ in rows]
+        # rows whose text is blank are dropped (issue 21.6): they would be lines of one <eos>
+        expected = _nonblank([" ".join(body.splitlines()) for _, body, _ in rows])
+        expected_joined = _nonblank([" ".join(f"{title} {body}".splitlines()) for title, body, _ in rows])
+        assume(len(expected) >= 4)  # fewer lines are too few to split (refused, tested elsewhere)
+        assert read_all(SourceSettings(str(path), text_column="body", split_ratios=RATIOS)) == expected
+        assert read_all(SourceSettings(str(path), text_column="title,body", split_ratios=RATIOS)) == expected_joined
 
 
 @FUZZ
@@ -179,8 +185,9 @@ def test_jsonl_fields_read_back_one_line_per_record(texts, ascii_only):
         path = Path(folder) / "data.jsonl"
         records = "".join(json.dumps({"id": i, "text": t}, ensure_ascii=ascii_only) + "\n" for i, t in enumerate(texts))
         path.write_text(records, encoding="utf-8")
-        lines = read_all(SourceSettings(str(path), text_field="text", split_ratios=RATIOS))
-        assert lines == [" ".join(t.splitlines()) for t in texts]
+        expected = _nonblank([" ".join(t.splitlines()) for t in texts])  # blank records are dropped
+        assume(len(expected) >= 4)
+        assert read_all(SourceSettings(str(path), text_field="text", split_ratios=RATIOS)) == expected
 
 
 @FUZZ

@@ -55,3 +55,23 @@ def test_notebooks_are_stored_without_outputs():
 
 def test_there_is_a_notebook():
     assert NOTEBOOKS
+
+
+def test_the_news_notebook_runs_from_its_own_folder_and_shows_its_picture_and_progress(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "news_csv.ipynb"
+    if not (path.parents[2] / "shared" / "data" / "ag_news" / "test.csv").is_file():
+        pytest.skip("ag_news not found beside the repository")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("NEURALLM_NOTEBOOK_TINY", "1")
+    monkeypatch.delenv("NEURALLM_DATA", raising=False)  # found from the notebook's folder, as Jupyter runs it
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert any("image/png" in output.get("data", {}) for output in outputs)  # the picture, not "<Figure size ...>"
+    assert "<Figure size" not in _outputs(notebook)
+    assert "end of training" in _outputs(notebook)  # progress lines are shown
+    assert "shuffle_windows=True" in "".join(cell.source for cell in notebook.cells)

@@ -94,3 +94,45 @@ def test_scoring_turns_dropout_off_and_gives_the_callers_mode_back():
     first = score_texts(net, VOCAB, WORD, [TEXT], bptt=6)[0].logprobs
     assert net.training
     assert score_texts(net, VOCAB, WORD, [TEXT], bptt=6)[0].logprobs == pytest.approx(first)  # no dropout noise
+
+
+@pytest.mark.parametrize("model,settings", [("LSTM", {}), ("Transformer", {}), ("Transformer", {"memory": 4})])
+def test_a_long_document_read_in_pieces_scores_as_in_one_piece_and_as_evaluation(model, settings, monkeypatch):
+    import neurallm.scoring as scoring
+
+    net = _model(model, **settings)
+    long_text = "\n".join([TEXT] * 12)
+    (whole,) = score_texts(net, VOCAB, WORD, [long_text], bptt=6)
+    monkeypatch.setattr(scoring, "_PIECE_TARGETS", 7)  # pieces of one or two windows: many pieces per line
+    monkeypatch.setattr(scoring, "_SLIDING_WINDOWS_PER_PIECE", 1)
+    lines = list(scoring.score_lines(net, VOCAB, WORD, iter(long_text.splitlines()), bptt=6))
+    assert [line.text for line in lines] == long_text.splitlines()
+    assert [v for line in lines for v in line.logprobs] == pytest.approx(whole.logprobs, abs=1e-5)
+    expected = evaluate(net, _stream(long_text), batch_size=1, bptt=6)
+    assert -sum(v for line in lines for v in line.logprobs) / expected.tokens == pytest.approx(expected.loss, rel=1e-5)
+
+
+def test_score_lines_yields_each_line_before_reading_the_rest():
+    import neurallm.scoring as scoring
+
+    net = _model("LSTM")
+    read = []
+
+    def lines():
+        for number in range(100_000):
+            read.append(number)
+            yield "the cat sat on the mat"
+
+    scores = scoring.score_lines(net, VOCAB, WORD, lines(), bptt=6)
+    first = next(scores)
+    assert first.text == "the cat sat on the mat"
+    assert len(read) < 10_000  # streamed: a piece of the document, not all of it, was read for the first line
+
+
+def test_unk_written_in_a_text_counts_as_unknown_and_bad_bytes_become_replacement_characters():
+    net = _model("LSTM")
+    (scored,) = score_texts(net, VOCAB, WORD, ["the <unk> sat zebra"], bptt=6)
+    assert scored.unknown == 2  # "<unk>" as written and "zebra", not in the vocabulary
+    undecodable = b"the cat \xff\xfe sat".decode("utf-8", "surrogateescape")  # as argv hands such bytes over
+    (line,) = score_texts(net, VOCAB, WORD, [undecodable], bptt=6)[0].lines
+    assert line.text == "the cat \ufffd\ufffd sat" and line.replaced == 2

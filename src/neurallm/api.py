@@ -23,6 +23,8 @@ from torch import nn
 from neurallm.config import EvalConfig, EvalMethods, LoadSettings, ModelConfig, ScoreConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
+# UNK_WARN_SHARE: named in this module's docstrings, and importable from here as before
+from neurallm.data.trust import UNK_WARN_SHARE, log_corpus_warnings, small_split_warning, unk_shares, unk_target_share, unk_warning
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
 from neurallm.data.vocab import Vocab
@@ -144,6 +146,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
                         write_launch_record(out, launch)
 
             ranks.main_first(claim_out)  # a refusal on rank 0 stops every rank
+            if ranks.is_main:  # once the run starts (a refused command says its one line alone)
+                log_corpus_warnings(prepared.meta, logger)  # splits too small, or mostly <unk>, to trust
             logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
                         f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
                         + _processes_note(ranks))
@@ -232,25 +236,16 @@ def _resumed_trainer(out: Path, config: RunConfig, data, settings: dict, ranks: 
     return Trainer(out, config, prepared, progress=progress, save_every=save_every, ranks=ranks)
 
 
-# Above this share of <unk> tokens `eval` warns: predicting <unk> is easy (one token stands for every unknown word),
-# so a corpus half made of words the run never saw scores a deceptively *low* perplexity. A run's own WikiText
-# test split has 0% (its rare words are already <unk> in the text, and in the vocabulary).
-UNK_WARN_SHARE = 0.05
-
-
 def unk_share(corpus: PreparedCorpus, split: str) -> float:
-    """Fraction of ``split``'s tokens that were not in the vocabulary when it was encoded."""
-    counts = corpus.meta["splits"][split]
-    return counts["unk"] / max(1, counts["tokens"])
+    """Share of ``split``'s targets that are ``<unk>``, whatever their origin (see :mod:`neurallm.data.trust`)."""
+    return unk_target_share(corpus.meta["splits"][split])
 
 
-def warn_if_many_unknown(share: float, what: str) -> None:
-    """Log a warning when more than :data:`UNK_WARN_SHARE` of ``what`` (tokens, named) became ``<unk>``."""
-    if share > UNK_WARN_SHARE:
-        logger.warning(
-            f"warning: {share:.1%} of the {what} are not in the run's vocabulary and were scored as <unk>, "
-            "which makes perplexity look better than it is; compare perplexities only at similar <unk> shares"
-        )
+def warn_if_many_unknown(share: float, what: str, replaced: float | None = None) -> None:
+    """Log a warning when more than :data:`UNK_WARN_SHARE` of ``what`` (tokens, named) are ``<unk>``."""
+    warning = unk_warning(share, what, replaced)
+    if warning is not None:
+        logger.warning(warning)
 
 
 @dataclass
@@ -323,9 +318,14 @@ class Run:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
             result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
-        result.unk_share = unk_share(corpus, split)
-        with_text_units(result, corpus.meta["splits"][split])
-        warn_if_many_unknown(result.unk_share, f"{split} tokens of {corpus.meta.get('source', {}).get('data', data)}")
+        counts = corpus.meta["splits"][split]
+        result.unk_share, replaced = unk_shares(counts)
+        with_text_units(result, counts)
+        warn_if_many_unknown(result.unk_share, f"{split} targets of {corpus.meta.get('source', {}).get('data', data)}",
+                             replaced)
+        small = small_split_warning(split, result.tokens)
+        if small is not None:
+            logger.warning(small)
         return result
 
     def score(self, texts: list[str], **settings) -> list[TextScore]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -280,6 +281,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neurallm.sampling import SamplingSettings
 
     settings = SamplingSettings(**given_settings(args, SamplingSettings))  # checked before the run is loaded
+    args.prompt = _argv_text(args.prompt, "--prompt")  # bytes that are not UTF-8: U+FFFD, with a note
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     settings = {**asdict(run.sampling(settings)), "stop": args.stop or ()}
     pieces = [0]  # pieces written so far: the prompt's, then one per token
@@ -330,43 +332,69 @@ def add_score_flags(p: argparse.ArgumentParser) -> None:
     _add_device_flag(p)
 
 
-def _score_input(args: argparse.Namespace) -> str:
-    """The text ``score`` reads from --text, --file or --jsonl (one line per JSONL record)."""
-    from neurallm.data.sources import _jsonl_texts
-
+def _score_input(args: argparse.Namespace) -> Iterator[str]:
+    """The lines ``score`` reads from --text, --file or --jsonl (one line per JSONL record), read as they are scored:
+    a file of any size is never held whole."""
     if args.jsonl is not None and not args.text_field:
         raise ConfigError("--jsonl needs --text-field K, the key that holds each record's text")
     if args.jsonl is None and args.text_field:
         raise ConfigError("--text-field applies to --jsonl only; drop it")
     if args.text is not None:
-        return args.text
+        return iter(_argv_text(args.text, "--text").splitlines() or [""])
+    flag = "--file" if args.file else "--jsonl"
     path = Path(args.file or args.jsonl)
     if not path.is_file():
-        raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
+    return _read_lines(path, flag, args.text_field if args.jsonl else None)
+
+
+def _read_lines(path: Path, flag: str, text_field: str | None) -> Iterator[str]:
+    from neurallm.data.sources import _jsonl_texts
+
     try:
-        if args.jsonl:  # one line per record, as `--data F.jsonl --text-field K` reads it
-            with open(path, encoding="utf-8") as f:
-                return "\n".join(_jsonl_texts(f, path=path, field_name=args.text_field))
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            if text_field is not None:  # one line per record, as `--data F.jsonl --text-field K` reads it
+                yield from _jsonl_texts(f, path=path, field_name=text_field, drop_empty=False)
+            else:
+                for line in f:
+                    yield line.rstrip("\n").rstrip("\r")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{'--file' if args.file else '--jsonl'} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+        raise ConfigError(f"{flag} {path} is not UTF-8 text ({exc.reason} near byte {exc.start} of a block); "
+                          "convert it to UTF-8") from None
+
+
+def _argv_text(text: str, flag: str) -> str:
+    """A text given on the command line, with bytes that were not UTF-8 read as U+FFFD (and a note saying so)."""
+    from neurallm.data.tokenizers import replace_undecodable
+
+    text, replaced = replace_undecodable(text)
+    if replaced:
+        print(f"note: {flag} held {replaced} byte(s) that are not UTF-8; each was read as U+FFFD", file=sys.stderr)
+    return text
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from neurallm.api import load_run
+    from neurallm.api import load_run, warn_if_many_unknown
+    from neurallm.scoring import score_lines
 
-    text = _score_input(args)
+    scoring = ScoreConfig(**given_settings(args, ScoreConfig))  # checked before the run is loaded
+    lines = _score_input(args)
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    (score,) = run.score([text], **given_settings(args, ScoreConfig))
-    for number, line in enumerate(score.lines, start=1):
+    # each line is printed as soon as it is scored: memory holds a piece of the text, never all of it
+    logprob = 0.0
+    n_tokens = n_unknown = 0
+    for number, line in enumerate(score_lines(run.model, run.vocab, run.config.tokenizer, lines, independent=scoring.independent,
+                                              bptt=run.config.train.bptt, context=scoring.context), start=1):
+        logprob, n_tokens, n_unknown = logprob + line.logprob, n_tokens + len(line.tokens), n_unknown + line.unknown
         if args.json:
             print(json.dumps({"line": number, **line.to_dict()}, ensure_ascii=False))
         else:
             print(f"{line.logprob:12.3f} {len(line.tokens):6d} {line.ppl:10.2f}  {line.text}")
+    share = n_unknown / max(1, n_tokens)
+    warn_if_many_unknown(share, "scored tokens")
     if not args.json:
-        share = score.unknown / max(1, len(score.tokens))
-        print(f"total: logprob {score.logprob:.3f} | tokens {len(score.tokens):,} | ppl {score.ppl:.2f} | <unk> {share:.1%}",
-              file=sys.stderr)
+        ppl = math.exp(min(-logprob / max(1, n_tokens), 700.0))
+        print(f"total: logprob {logprob:.3f} | tokens {n_tokens:,} | ppl {ppl:.2f} | <unk> {share:.1%}", file=sys.stderr)
     return 0
 
 

@@ -224,12 +224,20 @@ def run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn]
     Positions, masks and ids are built one window at a time, so memory does not grow with the split. ``scorer``
     replaces the output head's NLL (see :data:`WindowScorer`).
     """
+    total, count, _ = run_columns_from(model, ids, columns, window, scorer)
+    return total, count
+
+
+def run_columns_from(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn], window: int,
+                     scorer: WindowScorer | None = None, state=None) -> tuple[float, int, object]:
+    """:func:`run_columns` from ``state`` (None: a cold one), also returning the state after the last window, so
+    that a text read in pieces (``score`` streaming a file) is run exactly as in one piece."""
     device = _device_of(model)
     starts = np.array([c.start for c in columns])
     lengths = np.array([c.length for c in columns])
     score_from = np.array([c.score_start for c in columns])
     rows = int(lengths.max())
-    state = model.init_state(len(columns), device)
+    state = model.init_state(len(columns), device) if state is None else state
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for row in range(0, rows, window):
@@ -256,7 +264,7 @@ def run_columns(model: LanguageModel, ids: np.ndarray, columns: list[EvalColumn]
         for first in range(0, flat.size, HEAD_CHUNK):
             chunk = slice(first, first + HEAD_CHUNK)
             total += model.head.loss(scored_features[chunk], scored_targets[chunk], reduction="sum").double()
-    return float(total), count
+    return float(total), count, state
 
 
 def evaluate_naive(model: LanguageModel, ids: np.ndarray, *, batch_size: int = 10, bptt: int = 35) -> EvalResult:

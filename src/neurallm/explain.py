@@ -26,6 +26,9 @@ _RANGE = re.compile(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*")
 _LINE_WIDTH = 96
 _HISTORY_LIMIT = 4  # longer histories shrink to "a … f": the window matrices already show the detail
 _LIST_LIMIT = 12
+# explain draws every token of its stream, several times: a few thousand already fill pages. The limit is checked
+# before any list is built, so `--range 1..1000000000` (7.8 GB of strings) is refused in one line, not a MemoryError.
+MAX_EXPLAIN_TOKENS = 5000
 
 
 def parse_explain_text(text: str | None, numbers: str | None) -> list[str]:
@@ -36,7 +39,8 @@ def parse_explain_text(text: str | None, numbers: str | None) -> list[str]:
         numbers: a range ``FIRST..LAST`` (``--range``), e.g. ``"1..40"`` -> ``["1", ..., "40"]``.
 
     Raises:
-        ConfigError: both or neither given, an empty text, or a malformed or descending range.
+        ConfigError: both or neither given, an empty text, a malformed or descending range, or more than
+            :data:`MAX_EXPLAIN_TOKENS` tokens.
     """
     if (text is None) == (numbers is None):
         raise ConfigError("give exactly one of --text 'a short text' or --range FIRST..LAST (e.g. 1..40)")
@@ -44,10 +48,17 @@ def parse_explain_text(text: str | None, numbers: str | None) -> list[str]:
         tokens = text.split()
         if not tokens:
             raise ConfigError("--text is empty; give a few words, or use --range FIRST..LAST (e.g. 1..40)")
+        if len(tokens) > MAX_EXPLAIN_TOKENS:
+            raise ConfigError(f"--text has {len(tokens):,} words; explain draws at most {MAX_EXPLAIN_TOKENS:,} tokens: "
+                              "give a shorter text")
         return tokens
     match = _RANGE.fullmatch(numbers or "")
     if match is None or int(match[1]) > int(match[2]):
         raise ConfigError(f"--range {numbers!r} is not of the form FIRST..LAST with FIRST <= LAST (e.g. 1..40)")
+    count = int(match[2]) - int(match[1]) + 1
+    if count > MAX_EXPLAIN_TOKENS:
+        raise ConfigError(f"--range {numbers} holds {count:,} numbers; explain draws at most {MAX_EXPLAIN_TOKENS:,} "
+                          f"tokens: give a shorter range (e.g. 1..40)")
     return [str(n) for n in range(int(match[1]), int(match[2]) + 1)]
 
 

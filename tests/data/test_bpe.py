@@ -148,3 +148,25 @@ def test_streamed_bpe_text_never_shows_half_a_character_and_adds_up_to_the_text(
     result = generate(net, vocab, TokenizerSettings(level="bpe"), prompt="café", tokens=60, seed=5, on_text=streamed.append)
     # an untrained model samples byte sequences that are not UTF-8 at all, so only the sum is checked here
     assert "".join(streamed) == result.text
+
+
+def test_a_corpus_that_is_one_long_line_is_fed_in_bounded_pieces_with_the_same_tokens(monkeypatch):
+    import neurallm.data.bpe as bpe_module
+    from neurallm.data.bpe import BPE, pieces
+
+    words = [f"w{i % 97}x{i % 13}" for i in range(6000)]
+    line = " ".join(words) + "  double  spaces end"
+    cut = pieces(line, 500)
+    assert "".join(cut) == line and all(len(p) <= 500 for p in cut) and len(cut) > 10
+    assert all(p.startswith(" ") for p in cut[1:])  # cut before a word's leading space
+    whole = BPE.train([line], 300)
+    expected = whole.tokens(line)
+    monkeypatch.setattr(bpe_module, "PIECE_CHARS", 500)
+    seen = []
+    original = bpe_module.pieces
+    monkeypatch.setattr(bpe_module, "pieces", lambda text, size=None: seen.append(original(text, size)) or seen[-1])
+    pieced = BPE.train([line], 300)
+    assert max(len(p) for p in seen[0]) <= 500  # the tokenizer never saw the whole line
+    assert whole.tokens(line) == expected  # encoded in 500-character pieces: the same tokens as in one piece
+    assert pieced.vocabulary() == whole.vocabulary()  # and the merges learned from pieces are the same
+    assert "".join(pieced.detokenize(pieced.tokens(line))) == line + "\n"

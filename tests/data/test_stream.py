@@ -127,9 +127,10 @@ def test_unk_substitutions_of_valid_and_test_are_in_meta(tmp_path):
     (corpus / "valid.txt").write_text("a x y\n", encoding="utf-8")
     (corpus / "test.txt").write_text("z b\n", encoding="utf-8")
     meta = json.loads((_prepare(corpus, tmp_path / "p").folder / "meta.json").read_text(encoding="utf-8"))
-    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0, "chars": 6, "bytes": 6},
-                              "valid": {"tokens": 4, "unk": 2, "chars": 6, "bytes": 6},
-                              "test": {"tokens": 3, "unk": 1, "chars": 4, "bytes": 4}}  # each line with its line break
+    assert meta["splits"] == {"train": {"tokens": 4, "unk": 0, "unk_targets": 0, "chars": 6, "bytes": 6},
+                              "valid": {"tokens": 4, "unk": 2, "unk_targets": 2, "chars": 6, "bytes": 6},
+                              # each line with its line break; "z" is the first token, never a target
+                              "test": {"tokens": 3, "unk": 1, "unk_targets": 0, "chars": 4, "bytes": 4}}
 
 
 def test_ag_news_prepares_with_the_news_preprocessing(shared_data, tmp_path):
@@ -233,4 +234,4 @@ def test_a_utf16_corpus_prepares_with_its_encoding(tmp_path):
     prepared = _prepare(folder, tmp_path / "p", encoding="utf-16")
     assert {"größe", "über", "zweite"} <= set(prepared.vocab.tokens)
     # (3 words + <eos> + 2 words + <eos>) × 3; characters of the text, and its bytes in UTF-8 (ö, ß, ü: 2 each)
-    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0, "chars": 90, "bytes": 99}
+    assert prepared.meta["splits"]["test"] == {"tokens": 21, "unk": 0, "unk_targets": 0, "chars": 90, "bytes": 99}

@@ -92,9 +92,9 @@ def test_vocabulary_comes_from_train_only_and_unk_substitutions_are_reported_per
     assert prepared.vocab.tokens == [UNK, EOS, "sat", "the", "cat", "dog"]
     assert "emu" not in prepared.vocab.index
     assert prepared.meta["splits"] == {
-        "train": {"tokens": 8, "unk": 0, "chars": 24, "bytes": 24},
-        "valid": {"tokens": 4, "unk": 1, "chars": 12, "bytes": 12},
-        "test": {"tokens": 6, "unk": 5, "chars": 16, "bytes": 16},
+        "train": {"tokens": 8, "unk": 0, "unk_targets": 0, "chars": 24, "bytes": 24},
+        "valid": {"tokens": 4, "unk": 1, "unk_targets": 1, "chars": 12, "bytes": 12},
+        "test": {"tokens": 6, "unk": 5, "unk_targets": 4, "chars": 16, "bytes": 16},  # the first, "a", is no target
     }
     valid = prepared.vocab.decode(prepared.ids("valid").tolist())
     assert valid == ["the", UNK, "sat", EOS]
@@ -104,10 +104,10 @@ def test_min_freq_and_max_vocab_apply_when_preparing(tmp_path):
     folder = _write_splits(tmp_path / "corpus", train="a a a b b c\n", valid="a b c\n", test="c\n")
     by_freq = prepare(folder, tmp_path / "min", min_freq=2)
     assert by_freq.vocab.tokens == [UNK, EOS, "a", "b"]
-    assert by_freq.meta["splits"]["valid"] == {"tokens": 4, "unk": 1, "chars": 6, "bytes": 6}
+    assert by_freq.meta["splits"]["valid"] == {"tokens": 4, "unk": 1, "unk_targets": 1, "chars": 6, "bytes": 6}
     capped = prepare(folder, tmp_path / "cap", max_vocab=3)
     assert capped.vocab.tokens == [UNK, EOS, "a"]
-    assert capped.meta["splits"]["train"] == {"tokens": 7, "unk": 3, "chars": 12, "bytes": 12}
+    assert capped.meta["splits"]["train"] == {"tokens": 7, "unk": 3, "unk_targets": 3, "chars": 12, "bytes": 12}
 
 
 def test_wt2_lite_is_a_closed_vocabulary_of_13777_words(shared_data, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.errors import ConfigError
 from neurallm.models import build_model
-from neurallm.training.footprint import check_model_fits, parameter_bound, parameter_count, training_bytes
+from neurallm.training.footprint import activation_bytes, check_model_fits, parameter_bound, parameter_count, training_bytes
 
 CPU = torch.device("cpu")
 
@@ -68,3 +68,35 @@ def test_a_model_that_fits_passes(tmp_path):
 def test_nothing_is_checked_where_free_memory_cannot_be_read(tmp_path):
     config = ModelConfig(vocab_size=1000, emsize=200, nhid=200)
     check_model_fits(config, TrainConfig(), CPU, tmp_path / "no-meminfo-here")
+
+
+def test_attention_over_a_huge_window_is_refused_naming_bptt(tmp_path):
+    # --bptt 100000 --batch-size 1: 2 heads × 100,000² scores per layer, ~240 GB, far past 24 GiB
+    config = ModelConfig(model="Transformer", vocab_size=1000, emsize=32, nhid=64, nhead=2, nlayers=2)
+    with pytest.raises(ConfigError, match=r"--batch-size 1 × --bptt 100000 needs about .*attention.*smaller --bptt"):
+        check_model_fits(config, TrainConfig(bptt=100_000, batch_size=1), CPU, meminfo(tmp_path, 24 << 20))
+    check_model_fits(config, TrainConfig(bptt=256, batch_size=16), CPU, meminfo(tmp_path, 24 << 20))  # ordinary: fits
+
+
+@pytest.mark.parametrize("model", ["LSTM", "Transformer"])
+def test_activations_grow_with_the_tokens_of_a_step(model):
+    config = ModelConfig(model=model, vocab_size=1000, emsize=32, nhid=64, nhead=2)
+    small, large = (activation_bytes(config, TrainConfig(bptt=35, batch_size=b), CPU) for b in (10, 20))
+    assert large == 2 * small > 0
+    # a step never holds more than the train split: a window larger than the data is capped (and refused elsewhere)
+    assert activation_bytes(config, TrainConfig(bptt=100_000, batch_size=1), CPU, train_tokens=700) == \
+        activation_bytes(config, TrainConfig(bptt=700, batch_size=1), CPU)
+
+
+def test_a_refused_transformer_window_leaves_no_run_folder(tmp_path, capsys):
+    from conftest import write_patterned_corpus
+    from neurallm.cli import main
+
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=30_000)  # enough text for one window of 100,000
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(corpus), "--out", str(out), "--model", "Transformer", "--emsize", "16", "--nhid", "16",
+            "--nhead", "2", "--nlayers", "1", "--bptt", "100000", "--batch-size", "1", "--epochs", "1"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "choose a smaller --bptt or --batch-size" in err and "Traceback" not in err
+    assert not out.exists()

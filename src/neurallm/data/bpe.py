@@ -25,6 +25,10 @@ from neurallm.fileio import read_bounded_text
 TOKENIZER_FILE = "tokenizer.json"
 # Read cap of a tokenizer.json that may be crafted: ~60 bytes a token and merge (GPT-2's 50k tokens: 1.4 MB).
 MAX_TOKENIZER_BYTES = 64 << 20
+# The tokenizers library holds a whole input string and its pre-tokenized pieces at once: a corpus that is one
+# 48 MB line made it abort the process past 6.6 GB. Longer lines are fed (and encoded) in pieces of at most this
+# many characters, cut before a space, where the byte-level pre-tokenizer cuts anyway, so the tokens are the same.
+PIECE_CHARS = 1 << 16
 UNK = "<unk>"  # the same spelling as neurallm.data.tokenizers.UNK (not imported: that module imports this one)
 
 
@@ -52,12 +56,14 @@ class BPE:
         tokenizer.decoder = tk.decoders.ByteLevel()
         trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[UNK], show_progress=False,
                                          initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-        tokenizer.train_from_iterator((line + "\n" for line in lines), trainer=trainer)
+        tokenizer.train_from_iterator((piece for line in lines for piece in pieces(line + "\n")), trainer=trainer)
         return cls(tokenizer)
 
     def tokens(self, line: str) -> list[str]:
         """Subword tokens of one line (without its line break); the line break is encoded at the end."""
-        return self.tokenizer.encode(line + "\n", add_special_tokens=False).tokens
+        if len(line) < PIECE_CHARS:
+            return self.tokenizer.encode(line + "\n", add_special_tokens=False).tokens
+        return [token for piece in pieces(line + "\n") for token in self.tokenizer.encode(piece, add_special_tokens=False).tokens]
 
     def detokenize(self, tokens: list[str]) -> str:
         """Text of a list of tokens (bytes that do not form whole characters yet are shown as U+FFFD)."""
@@ -79,6 +85,23 @@ class BPE:
             return cls(tk.Tokenizer.from_str(text))
         except Exception as exc:  # tokenizers raises a plain Exception for a malformed file
             raise DataError(f"{source} is not a tokenizers BPE file ({exc}); prepare or train again") from None
+
+
+def pieces(text: str, size: int | None = None) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters (default :data:`PIECE_CHARS`), each cut made before a
+    space that follows a non-space (where the byte-level pre-tokenizer begins a word anyway); a run of ``size``
+    characters with no such space is cut where it must."""
+    size = size or PIECE_CHARS
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 def load_bpe_beside(folder: Path) -> BPE | None:

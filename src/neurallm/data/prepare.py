@@ -3,13 +3,17 @@ corpus (``neurallm prepare``, ``neurallm.prepare``) never imports torch."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from neurallm.data.settings import DATA_SETTINGS
 from neurallm.data.sources import SourceSettings
 from neurallm.data.stream import PreparedCorpus, VocabSettings, prepare_corpus
 from neurallm.data.tokenizers import TokenizerSettings
+from neurallm.data.trust import log_corpus_warnings
 from neurallm.settings import split_settings
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(data: str | Path, out: str | Path | None = None, **settings) -> PreparedCorpus:
@@ -26,4 +30,6 @@ def prepare(data: str | Path, out: str | Path | None = None, **settings) -> Prep
     source, tokenizer, vocab = split_settings(settings, *DATA_SETTINGS, what="prepare")
     source = SourceSettings(data=str(data), **source)
     tokenizer, vocab = TokenizerSettings(**tokenizer), VocabSettings(**vocab)
-    return prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None)
+    prepared = prepare_corpus(source, tokenizer, vocab, out_dir=Path(out) if out else None)
+    log_corpus_warnings(prepared.meta, logger)  # splits too small, or mostly <unk>, to trust a result on
+    return prepared

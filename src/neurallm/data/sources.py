@@ -3,7 +3,13 @@
 Every source ends up as the same thing, a :class:`Corpus`: its files, each read once from start to end as
 lines of text, and which split each line belongs to. Sources that are a single file are cut into three
 contiguous blocks of lines by ``split_ratios`` (first 90% train, next 5% valid, last 5% test by default) so
-that the split is deterministic and each block stays running text, as BPTT needs.
+that the split is deterministic and each block stays running text, as BPTT needs. Many CSVs are sorted (by
+date, by class, with the empty rows last), so that a contiguous cut gives a test split unlike the rest:
+``split_by="documents"`` shuffles whole documents (CSV rows, JSONL records, a text file's paragraphs) with
+``split_seed`` before cutting, keeping each document's lines together and in order.
+
+Empty CSV rows and JSONL records (blank text after joining the columns) are dropped and counted, not turned into
+lines that hold only an end-of-line token.
 
 Encoding policy: files are read as strict UTF-8 (or the ``--encoding`` given, UTF-16 included); a UTF-8
 byte-order mark is dropped; a byte sequence that does not decode is an error naming the file and the byte's
@@ -20,26 +26,32 @@ import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from neurallm.data import registry
 from neurallm.errors import ConfigError, DataError
 from neurallm.settings import setting
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SPLITS = ("train", "valid", "test")
 
 # File names of the split files in a corpus folder, in order of preference.
 _SPLIT_FILE_NAMES = {
-    "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt", "wiki.train.raw"),
-    "valid": ("valid.txt", "wiki.valid.tokens", "ptb.valid.txt", "wiki.valid.raw"),
-    "test": ("test.txt", "wiki.test.tokens", "ptb.test.txt", "wiki.test.raw"),
+    "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt", "wiki.train.raw", "ptb.char.train.txt"),
+    "valid": ("valid.txt", "wiki.valid.tokens", "ptb.valid.txt", "wiki.valid.raw", "ptb.char.valid.txt"),
+    "test": ("test.txt", "wiki.test.tokens", "ptb.test.txt", "wiki.test.raw", "ptb.char.test.txt"),
 }
 FORMATS = ("auto", "dir", "text", "csv", "jsonl", "registry")
+SPLIT_BY = ("lines", "documents")
 
-# The csv module refuses fields over 128 KiB by default; long articles in one cell are normal.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+# The csv module refuses fields over 128 KiB by default; long articles in one cell are normal. The limit is
+# process-wide state, so it is raised only while a CSV of ours is being parsed (see _csv_field_limit).
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
@@ -62,6 +74,10 @@ class SourceSettings:
     text_field: str | None = setting(None, help="JSONL key holding the text of each record")
     split_ratios: tuple[float, float, float] = setting((0.9, 0.05, 0.05), help="train,valid,test fractions for a single-file source",
                                                        parse=parse_ratios, metavar="TRAIN,VALID,TEST")
+    split_by: str = setting("lines", help="how a single-file source is cut: lines, contiguous blocks in file order; "
+                            "documents, whole CSV rows, JSONL records or paragraphs shuffled with --split-seed first "
+                            "(for sorted files)", choices=SPLIT_BY)
+    split_seed: int = setting(1111, help="seed of the document shuffle of --split-by documents")
     encoding: str = setting("utf-8", help="text encoding of the files, decoded strictly")
     # Recorded so that a run trained on `--data tinyshakespeare` (found in ../shared/data) can be evaluated from
     # any folder, offline: the name alone is looked up relative to the working directory.
@@ -77,6 +93,10 @@ class SourceSettings:
                 f"--split-ratios must be three positive fractions that sum to 1, like 0.9,0.05,0.05; got {self.split_ratios}"
             )
         object.__setattr__(self, "split_ratios", ratios)
+        if self.split_by not in SPLIT_BY:
+            raise ConfigError(f"--split-by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or not 0 <= self.split_seed < 2**63:
+            raise ConfigError(f"--split-seed must be a whole number from 0 to 2**63-1, got {self.split_seed!r}")
         try:
             "".encode(self.encoding)
         except LookupError:
@@ -93,24 +113,46 @@ class SourceFile:
     Attributes:
         path: the file.
         split: the split it holds; None when it holds all three, cut by ``split_ratios`` (see :class:`Corpus`).
-        read: lines of text (without line breaks) from the opened text stream.
+        read: lines of text (without line breaks) from the opened text stream; called as ``read(f, on_empty)``,
+            where ``on_empty()`` is called once per empty row or record it drops.
         encoding: text encoding, decoded strictly.
         newline: ``newline`` argument of :func:`open` (the csv module wants ``""``).
+        documents: what a document is for ``split_by="documents"``: ``rows`` (each line: a CSV row or JSONL
+            record) or ``paragraphs`` (blocks of lines separated by blank lines, in a text file).
     """
 
     path: Path
     split: str | None
-    read: Callable[[TextIO], Iterator[str]] = field(repr=False)
+    read: Callable[[TextIO, Callable[[], None]], Iterator[str]] = field(repr=False)
     encoding: str = "utf-8"
     newline: str | None = None
+    documents: str = "paragraphs"
 
-    def lines(self, digest=None) -> Iterator[str]:
-        """Read the file once from start to end; ``digest`` (a hashlib object) sees every byte read."""
+    def lines(self, digest=None, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
+        """Read the file once from start to end; ``digest`` (a hashlib object) sees every byte read, ``on_empty``
+        is called for each empty row or record dropped."""
         try:
             with _open_text(self.path, self.encoding, self.newline, digest) as f:
-                yield from self.read(f)
+                yield from self.read(f, on_empty or _ignore)
         except UnicodeDecodeError:
             raise _decoding_error(self.path, self.encoding) from None
+
+    def starts_document(self) -> Callable[[str], bool]:
+        """A fresh predicate, called on each line in order: does this line begin a new document?"""
+        if self.documents == "rows":
+            return lambda line: True
+        after_blank = [True]
+
+        def starts(line: str) -> bool:  # a paragraph begins at a non-blank line after a blank one (or the first)
+            blank = not line.strip()
+            begins, after_blank[0] = after_blank[0] and not blank, blank
+            return begins
+
+        return starts
+
+
+def _ignore() -> None:
+    pass
 
 
 @dataclass
@@ -124,19 +166,35 @@ class Corpus:
     description: str
     sources: list[SourceFile]
     split_ratios: tuple[float, float, float]
+    split_by: str = "lines"
+    split_seed: int = 1111
 
     @property
     def files(self) -> list[Path]:
         return [source.path for source in self.sources]
 
     def lines(self, split: str) -> Iterator[str]:
-        """The lines of one split (a single-file source is read twice here: once to count its lines)."""
+        """The lines of one split (a single-file source is read twice here: once to count its lines or documents).
+        With ``split_by="documents"`` the split's documents come in file order (not shuffled)."""
         whole = self.sources[0]
         if whole.split is not None:
             yield from next(source for source in self.sources if source.split == split).lines()
             return
-        start, stop = split_bounds(sum(1 for _ in whole.lines()), self.split_ratios, whole.path)[split]
-        yield from itertools.islice(whole.lines(), start, stop)
+        if self.split_by == "lines":
+            start, stop = split_bounds(sum(1 for _ in whole.lines()), self.split_ratios, whole.path)[split]
+            yield from itertools.islice(whole.lines(), start, stop)
+            return
+        import numpy as np  # here: `neurallm --help` imports this module and needs no numpy
+
+        starts = whole.starts_document()
+        n_documents = sum(1 for line in whole.lines() if starts(line))
+        chosen = np.zeros(n_documents, dtype=bool)
+        chosen[document_splits(n_documents, self.split_ratios, self.split_seed, whole.path)[split]] = True
+        starts, document = whole.starts_document(), -1
+        for line in whole.lines():
+            document += starts(line)
+            if chosen[max(document, 0)]:
+                yield line
 
     def identity(self) -> list[list]:
         """Cheap identity of the files: path, size, modification and change times, inode (as make and git use).
@@ -162,6 +220,15 @@ def split_bounds(total: int, ratios: tuple[float, float, float], path: Path) -> 
     return {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, total)}
 
 
+def document_splits(total: int, ratios: tuple[float, float, float], seed: int, path: Path) -> dict[str, np.ndarray]:
+    """Indices of the documents of train/valid/test for ``split_by="documents"``: the ``total`` documents of a file
+    shuffled with ``seed`` and cut by ``ratios``; each split lists its documents in the shuffled order."""
+    import numpy as np  # here: `neurallm --help` imports this module and needs no numpy
+
+    order = np.random.default_rng(seed).permutation(total)
+    return {split: order[start:stop] for split, (start, stop) in split_bounds(total, ratios, path).items()}
+
+
 def open_corpus(settings: SourceSettings) -> Corpus:
     """Detect the kind of ``settings.data`` and return its files; only the first bytes of each file are read here.
 
@@ -185,11 +252,13 @@ def open_corpus(settings: SourceSettings) -> Corpus:
         return _single_file(path, settings, _text_lines)
     if kind == "csv":
         columns = _csv_columns(path, settings)
-        return _single_file(path, settings, functools.partial(_csv_rows, path=path, columns=columns), newline="")
+        return _single_file(path, settings, functools.partial(_csv_rows, path=path, columns=columns), newline="",
+                            documents="rows")
     if kind == "jsonl":
         if not settings.text_field:
             raise DataError(f"--data {path} is JSONL: name the key holding the text with --text-field")
-        return _single_file(path, settings, functools.partial(_jsonl_texts, path=path, field_name=settings.text_field))
+        return _single_file(path, settings, functools.partial(_jsonl_texts, path=path, field_name=settings.text_field),
+                            documents="rows")
     raise AssertionError(kind)
 
 
@@ -267,12 +336,15 @@ def _open_split_files(folder: Path, paths: dict[str, Path], settings: SourceSett
     return Corpus(description=str(folder), sources=files, split_ratios=settings.split_ratios)
 
 
-def _single_file(path: Path, settings: SourceSettings, read: Callable[[TextIO], Iterator[str]],
-                 newline: str | None = None) -> Corpus:
+def _single_file(path: Path, settings: SourceSettings, read: Callable[[TextIO, Callable[[], None]], Iterator[str]],
+                 newline: str | None = None, documents: str = "paragraphs") -> Corpus:
     """A file holding all three splits: contiguous blocks of lines by ``settings.split_ratios``, so that the
-    split is deterministic and each block stays running text, as BPTT needs."""
-    return Corpus(description=f"{path} (lines split {settings.split_ratios})",
-                  sources=[SourceFile(path, None, read, settings.encoding, newline)], split_ratios=settings.split_ratios)
+    split is deterministic and each block stays running text, as BPTT needs (or, with ``split_by="documents"``,
+    its documents shuffled with ``split_seed`` and then cut)."""
+    how = "lines" if settings.split_by == "lines" else f"{documents} shuffled with seed {settings.split_seed}"
+    return Corpus(description=f"{path} ({how}, split {settings.split_ratios})",
+                  sources=[SourceFile(path, None, read, settings.encoding, newline, documents)],
+                  split_ratios=settings.split_ratios, split_by=settings.split_by, split_seed=settings.split_seed)
 
 
 def _decoding(encoding: str) -> str:
@@ -359,9 +431,32 @@ def _wide_encoding_by_mark(head: bytes) -> str | None:
     return None
 
 
-def _text_lines(f: TextIO) -> Iterator[str]:
+def _text_lines(f: TextIO, on_empty: Callable[[], None] = _ignore) -> Iterator[str]:
+    # blank lines of a text file are kept: they are the paragraph breaks of running text (WikiText has them)
     for line in f:
         yield line.rstrip("\n")
+
+
+@contextmanager
+def _csv_field_limit() -> Iterator[None]:
+    """Raise the csv module's process-wide field size limit while our code parses, and restore the caller's."""
+    before = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
+def _csv_reader(f: TextIO, path: Path) -> Iterator[list[str]]:
+    """Rows of a CSV; the field limit is raised around each row's parsing only, so that no other code (the
+    caller's own csv use between two rows of this generator) runs under our setting."""
+    rows = csv.reader(f, dialect=_csv_dialect(path))
+    while True:
+        with _csv_field_limit():
+            row = next(rows, None)
+        if row is None:
+            return
+        yield row
 
 
 def _csv_columns(path: Path, settings: SourceSettings) -> list[int]:
@@ -369,7 +464,7 @@ def _csv_columns(path: Path, settings: SourceSettings) -> list[int]:
         raise DataError(f"--data {path} is a CSV: name the text columns with --text-column (e.g. title,description)")
     try:
         with _open_text(path, settings.encoding, newline="") as f:
-            header = next(csv.reader(f, dialect=_csv_dialect(path)), None)
+            header = next(_csv_reader(f, path), None)
     except UnicodeDecodeError:
         raise _decoding_error(path, settings.encoding) from None
     if not header:
@@ -385,20 +480,27 @@ def _csv_dialect(path: Path) -> type[csv.Dialect]:
     return csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
 
 
-def _csv_rows(f: TextIO, *, path: Path, columns: list[int]) -> Iterator[str]:
-    """One line of text per CSV row: the chosen columns joined by a space, inner line breaks made spaces."""
-    rows = csv.reader(f, dialect=_csv_dialect(path))
+def _csv_rows(f: TextIO, on_empty: Callable[[], None] = _ignore, *, path: Path, columns: list[int]) -> Iterator[str]:
+    """One line of text per CSV row: the chosen columns joined by a space, inner line breaks made spaces. A row
+    whose chosen columns are blank is dropped (``on_empty`` counts it): it would be a line of one ``<eos>``."""
+    rows = _csv_reader(f, path)
     next(rows, None)
     for row_number, row in enumerate(rows, start=2):
         if not row:
             continue
         if len(row) <= max(columns):
             raise DataError(f"{path}, row {row_number}: has {len(row)} fields, fewer than the header; fix that row")
-        text = " ".join(row[i] for i in columns)
-        yield " ".join(text.splitlines())
+        text = " ".join(" ".join(row[i] for i in columns).splitlines())
+        if not text.strip():
+            on_empty()
+            continue
+        yield text
 
 
-def _jsonl_texts(f: TextIO, *, path: Path, field_name: str) -> Iterator[str]:
+def _jsonl_texts(f: TextIO, on_empty: Callable[[], None] = _ignore, *, path: Path, field_name: str,
+                 drop_empty: bool = True) -> Iterator[str]:
+    """The text of each record (inner line breaks made spaces); a record whose text is blank or null is dropped
+    (``on_empty`` counts it) unless ``drop_empty`` is false (``score --jsonl`` keeps one line per record)."""
     for line_number, line in enumerate(f, start=1):
         if not line.strip():
             continue
@@ -411,4 +513,9 @@ def _jsonl_texts(f: TextIO, *, path: Path, field_name: str) -> Iterator[str]:
         if not isinstance(record, dict) or field_name not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"--text-field {field_name}: not in {path} line {line_number}; it has: {keys}")
-        yield " ".join(str(record[field_name]).splitlines())
+        value = record[field_name]
+        text = "" if value is None else " ".join(str(value).splitlines())
+        if not text.strip() and drop_empty:
+            on_empty()
+            continue
+        yield text

@@ -45,9 +45,9 @@ import numpy as np
 
 from neurallm.data.bpe import BPE, TOKENIZER_FILE, load_bpe_beside
 from neurallm.data.registry import cache_dir
-from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, open_corpus, split_bounds
+from neurallm.data.sources import SPLITS, Corpus, SourceFile, SourceSettings, document_splits, open_corpus, split_bounds
 from neurallm.data.tokenizers import TokenizerSettings, tokenize_line
-from neurallm.data.vocab import MAX_VOCAB_BYTES, VOCAB_FILE, Vocab, VocabSettings, build_vocab
+from neurallm.data.vocab import MAX_VOCAB_BYTES, VOCAB_FILE, Vocab, VocabSettings, build_vocab, check_vocab_has_tokens
 from neurallm.errors import DataError
 from neurallm.fileio import atomic_folder, disk_full_error, is_disk_full, read_bounded_text
 from neurallm.locking import lock_folder
@@ -307,8 +307,13 @@ def _write_prepared(folder: Path, corpus: Corpus, source: SourceSettings, tokeni
                 "tokenizer": tokenizer.to_dict(),
                 "vocab_settings": asdict(vocab_settings),
                 "vocab_size": len(vocab),
-                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], **writer.text_units[split]}
+                # unk: tokens replaced by <unk> because the vocabulary lacks them; unk_targets: scored targets
+                # (every token but the first) that are <unk>, whatever made them so (a corpus's own "<unk>" too)
+                "splits": {split: {"tokens": a["tokens"], "unk": a["unk"], "unk_targets": a["unk_targets"],
+                                   **writer.text_units[split]}
                            for split, a in writer.arrays.items()},
+                "empty_dropped": writer.empty_dropped,
+                **({"char_space_share": round(writer.char_space_share, 4)} if writer.char_space_share is not None else {}),
                 "arrays": {split: {k: a[k] for k in ("dtype", "max_id", "sha256")} for split, a in writer.arrays.items()},
             }
             # plain writes: the temp folder is swapped in whole, after atomic_folder has fsynced every file
@@ -322,8 +327,12 @@ def _write_prepared(folder: Path, corpus: Corpus, source: SourceSettings, tokeni
         raise disk_full_error(folder, writer.bytes_needed()) from None
     # encoding with a given vocabulary is a step of evaluation, whose output (e.g. `eval --json`) is its result alone
     level = logging.INFO if vocab_given is None else logging.DEBUG
+    if writer.empty_dropped:
+        logger.log(level, f"dropped {writer.empty_dropped:,} empty row(s)/record(s) of {corpus.description} "
+                          "(blank text: they would be lines of one end-of-line token)")
     for split, entry in meta["splits"].items():
-        logger.log(level, f"{split}: {entry['tokens']:,} tokens, {entry['unk']:,} replaced by <unk>")
+        logger.log(level, f"{split}: {entry['tokens']:,} tokens, {entry['unk']:,} replaced by <unk>, "
+                          f"{entry['unk_targets']:,} <unk> in all")
     return load_prepared(folder)  # what a later run will see, checked once now
 
 
@@ -356,21 +365,27 @@ class _Writer:
         # character and per byte, see neurallm.evaluation.with_text_units), counted in the same single read
         self.text_units: dict[str, dict[str, int]] = {}
         self._file_units = (0, 0)  # characters and bytes of the file _append read last
+        self.unk_id = 0  # the vocabulary's, once it is known
+        self.char_space_share: float | None = None  # share of spaces among train's characters (char level)
+        self.empty_dropped = 0  # CSV rows and JSONL records with blank text, not turned into lines
 
     def write(self, tmp: Path, vocab: Vocab | None, vocab_settings: VocabSettings) -> Vocab:
         with tempfile.TemporaryFile(dir=tmp) as spool:
             types, bounds = self._read_provisional(spool, tmp)
             if vocab is None:
-                start, stop = bounds["train"]
                 counts = np.zeros(len(types), dtype=np.int64)
-                for block in _blocks(spool, start, stop):
+                for block in _ranges_blocks(spool, bounds["train"]):
                     counts += np.bincount(block, minlength=len(types))
-                if stop == start:
+                if not counts.any():
                     raise DataError(f"{self.corpus.description}: the train split has no text")
                 train_counts = Counter({types[i]: int(counts[i]) for i in np.flatnonzero(counts)})
                 vocab = build_vocab(train_counts, self.tokenizer.level, min_freq=vocab_settings.min_freq,
                                     max_vocab=vocab_settings.max_vocab)
+                check_vocab_has_tokens(vocab, train_counts, vocab_settings, self.tokenizer.level)
+                if self.tokenizer.level == "char":  # for the hint on space-separated character files (data/trust.py)
+                    self.char_space_share = train_counts.get(" ", 0) / max(1, counts.sum())
             self.id_itemsize = vocab.id_dtype().itemsize
+            self.unk_id = vocab.unk_id
             # provisional id → final id; types outside the vocabulary become <unk> (and are counted)
             final = np.fromiter((vocab.index.get(t, -1) for t in types), dtype=np.int64, count=len(types))
             unknown = final < 0
@@ -379,82 +394,114 @@ class _Writer:
                 self.arrays[split] = self._write_split(spool, bounds[split], remap, unknown, tmp / f"{split}.npy", split)
         return vocab
 
-    def _read_provisional(self, spool: BinaryIO, tmp: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
-        """Append every file's provisional ids to ``spool``; the token types and each split's [start, stop)."""
+    def _read_provisional(self, spool: BinaryIO, tmp: Path) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
+        """Append every file's provisional ids to ``spool``; the token types and each split's [start, stop) ranges
+        (one range, except for the documents of a single file split by documents)."""
         table: defaultdict[str, int] = defaultdict(itertools.count().__next__)  # type → provisional id
-        bounds: dict[str, tuple[int, int]] = {}
+        bounds: dict[str, list[tuple[int, int]]] = {}
         for source_file in self.corpus.sources:
             first = self.n_provisional
             if source_file.split is not None and source_file.split not in self.splits:
                 continue  # a split file nobody asked for is not even read
             if source_file.split is not None:
                 self._append(source_file, table, spool, None)
-                bounds[source_file.split] = (first, self.n_provisional)
+                bounds[source_file.split] = [(first, self.n_provisional)]
                 self.text_units[source_file.split] = dict(zip(("chars", "bytes"), self._file_units))
                 continue
-            # a single file's split points are lines, known once all lines are counted: keep where each line ends
-            # (in tokens, characters and bytes)
+            # a single file's split points are lines (or documents), known once all are counted: keep where each
+            # one ends (in tokens, characters and bytes)
             with tempfile.TemporaryFile(dir=tmp) as ends_file:
-                n_lines = self._append(source_file, table, spool, ends_file)
-                for split, (start, stop) in split_bounds(n_lines, self.corpus.split_ratios, source_file.path).items():
+                by_documents = self.corpus.split_by == "documents"
+                n_units = self._append(source_file, table, spool, ends_file, by_documents)
+                if by_documents:
+                    self._document_bounds(ends_file, n_units, first, source_file.path, bounds)
+                    continue
+                for split, (start, stop) in split_bounds(n_units, self.corpus.split_ratios, source_file.path).items():
                     before = _line_end(ends_file, start - 1) if start else (first, 0, 0)
                     after = _line_end(ends_file, stop - 1)
-                    bounds[split] = (before[0], after[0])
+                    bounds[split] = [(before[0], after[0])]
                     self.text_units[split] = {"chars": after[1] - before[1], "bytes": after[2] - before[2]}
         return list(table), bounds
 
+    def _document_bounds(self, ends_file: BinaryIO, n_documents: int, first: int, path: Path,
+                         bounds: dict[str, list[tuple[int, int]]]) -> None:
+        """Each split's documents, shuffled (see :func:`document_splits`), as ranges of provisional ids. The ends
+        are read whole here: 24 bytes per document, not per token."""
+        ends_file.flush()
+        ends_file.seek(0)
+        ends = np.fromfile(ends_file, dtype=np.uint64, count=3 * n_documents).reshape(n_documents, 3).astype(np.int64)
+        begins = np.vstack(([first, 0, 0], ends[:-1]))
+        for split, chosen in document_splits(n_documents, self.corpus.split_ratios, self.corpus.split_seed, path).items():
+            bounds[split] = list(zip(begins[chosen, 0].tolist(), ends[chosen, 0].tolist()))
+            sizes = (ends[chosen] - begins[chosen]).sum(axis=0)
+            self.text_units[split] = {"chars": int(sizes[1]), "bytes": int(sizes[2])}
+
     def _append(self, source_file: SourceFile, table: defaultdict[str, int], spool: BinaryIO,
-                ends_file: BinaryIO | None) -> int:
-        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line ends in them,
-        in tokens, characters and bytes); return the number of lines. The file's characters and bytes are left in
-        ``self._file_units``."""
+                ends_file: BinaryIO | None, by_documents: bool = False) -> int:
+        """Append one file's provisional ids to ``spool`` (and, given ``ends_file``, where each line, or each
+        document when ``by_documents``, ends in them, in tokens, characters and bytes); return the number of lines
+        (documents). The file's characters and bytes are left in ``self._file_units``."""
         lookup, tokenizer, bpe = table.__getitem__, self.tokenizer, self.bpe
-        buffer, line_ends = array("I"), array("Q")
-        n_lines = n_chars = n_bytes = 0
+        buffer, unit_ends = array("I"), array("Q")
+        starts_unit = source_file.starts_document() if by_documents else (lambda line: True)
+        n_units = n_chars = n_bytes = n_lines = 0
+
+        def count_empty() -> None:
+            self.empty_dropped += 1
+
         try:
-            for line in source_file.lines(self.source_digest):
+            for line in source_file.lines(self.source_digest, count_empty):
+                begins = starts_unit(line)  # called on every line: a paragraph's start depends on the line before
+                if ends_file is not None and n_lines and begins:
+                    # the unit before this line ends here
+                    unit_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
+                    if len(unit_ends) >= _SPOOL_ITEMS:
+                        n_units += _flush(unit_ends, ends_file) // 3
+                n_lines += 1
                 buffer.extend(map(lookup, tokenize_line(line, tokenizer, bpe)))
                 n_chars += len(line) + 1
                 n_bytes += len(line.encode("utf-8")) + 1
-                if ends_file is not None:
-                    line_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
-                    if len(line_ends) >= _SPOOL_ITEMS:
-                        n_lines += _flush(line_ends, ends_file) // 3
                 if len(buffer) >= _SPOOL_ITEMS:
                     self.n_provisional += _flush(buffer, spool)
+            if ends_file is not None and n_lines:
+                unit_ends.extend((self.n_provisional + len(buffer), n_chars, n_bytes))
             self.n_provisional += _flush(buffer, spool)
             if ends_file is not None:
-                n_lines += _flush(line_ends, ends_file) // 3
+                n_units += _flush(unit_ends, ends_file) // 3
             self._file_units = (n_chars, n_bytes)
         except OSError:
             self.n_provisional += len(buffer)  # counted for bytes_needed() should the disk be full
             raise
-        return n_lines
+        return n_units
 
-    def _write_split(self, spool: BinaryIO, bounds: tuple[int, int], remap: np.ndarray, unknown: np.ndarray,
+    def _write_split(self, spool: BinaryIO, ranges: list[tuple[int, int]], remap: np.ndarray, unknown: np.ndarray,
                      path: Path, split: str) -> dict:
         """Remap a split's provisional ids into ``path`` with ordinary writes (a memory map of a file the disk
         cannot back dies of SIGBUS); the file's full size is reserved first, so a full disk fails at once."""
-        start, stop = bounds
-        n_tokens = stop - start
+        n_tokens = sum(stop - start for start, stop in ranges)
         if n_tokens < 2:
             raise DataError(f"{self.corpus.description}: the {split} split has {n_tokens} token(s); "
                             "a language model needs at least 2")
         header = {"descr": np.lib.format.dtype_to_descr(remap.dtype), "fortran_order": False, "shape": (n_tokens,)}
-        digest, n_unk, max_id = hashlib.sha256(), 0, 0
+        digest, n_unk, n_unk_ids, max_id, first_id = hashlib.sha256(), 0, 0, 0, None
         with open(path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             f.flush()
             _reserve(f, f.tell() + n_tokens * remap.dtype.itemsize)
-            for block in _blocks(spool, start, stop):
+            for block in _ranges_blocks(spool, ranges):
+                if not block.size:
+                    continue
                 ids = remap[block]
                 n_unk += int(np.count_nonzero(unknown[block]))
+                n_unk_ids += int(np.count_nonzero(ids == self.unk_id))
+                first_id = int(ids[0]) if first_id is None else first_id
                 max_id = max(max_id, int(ids.max()))
                 data = ids.tobytes()
                 digest.update(data)
                 f.write(data)
-        return {"tokens": n_tokens, "unk": n_unk, "dtype": remap.dtype.str, "max_id": max_id,
-                "sha256": digest.hexdigest()}
+        # the first token is never a target (nothing predicts it)
+        return {"tokens": n_tokens, "unk": n_unk, "unk_targets": n_unk_ids - (first_id == self.unk_id),
+                "dtype": remap.dtype.str, "max_id": max_id, "sha256": digest.hexdigest()}
 
     def bytes_needed(self) -> int:
         """Peak disk space of this preparation (provisional ids + id arrays); estimated from the bytes read so
@@ -480,6 +527,12 @@ def _blocks(spool: BinaryIO, start: int, stop: int):
     for first in range(start, stop, _BLOCK):
         spool.seek(first * _PROVISIONAL.itemsize)
         yield np.fromfile(spool, dtype=_PROVISIONAL, count=min(_BLOCK, stop - first))
+
+
+def _ranges_blocks(spool: BinaryIO, ranges: list[tuple[int, int]]):
+    """Provisional ids of each range of ``ranges`` in turn, in blocks (see :func:`_blocks`)."""
+    for start, stop in ranges:
+        yield from _blocks(spool, start, stop)
 
 
 def _line_end(ends_file: BinaryIO, line: int) -> tuple[int, int, int]:

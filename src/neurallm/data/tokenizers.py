@@ -70,6 +70,24 @@ def _strip_punctuation(line: str) -> str:
     return "".join(part if i % 2 else _PUNCTUATION.sub(" ", part) for i, part in enumerate(parts))
 
 
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def replace_undecodable(text: str) -> tuple[str, int]:
+    """``text`` with each byte that was not UTF-8 read as U+FFFD, and how many there were.
+
+    Python hands bytes of ``argv`` that do not decode as lone surrogates (``surrogateescape``); they cannot be
+    encoded, printed or given to the BPE tokenizer, so they are replaced here, once, at the way in.
+    """
+    if not _LONE_SURROGATES.search(text):
+        return text, 0
+    try:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (from an API caller): replaced alone
+        fixed = _LONE_SURROGATES.sub("\ufffd", text)
+    return fixed, max(1, fixed.count("\ufffd") - text.count("\ufffd"))
+
+
 def tokenize_line(line: str, settings: TokenizerSettings, bpe: BPE | None = None) -> list[str]:
     """Tokens of one line of text (without its line break), end-of-line token included.
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from neurallm.data.bpe import BPE
 from neurallm.data.tokenizers import EOS, UNK
-from neurallm.errors import ConfigError, RunDirError
+from neurallm.errors import ConfigError, DataError, RunDirError
 from neurallm.settings import setting
 
 if TYPE_CHECKING:
@@ -113,3 +113,20 @@ def build_vocab(counts: Counter, level: str, *, min_freq: int = 1, max_vocab: in
     if max_vocab is not None:
         tokens = tokens[:max_vocab]
     return Vocab(tokens)
+
+
+def check_vocab_has_tokens(vocab: Vocab, counts: Counter, settings: VocabSettings, level: str) -> None:
+    """Refuse a vocabulary that holds nothing but its special tokens: every text would become ``<unk>``
+    (``<eos>``), which a model predicts perfectly and learns nothing from.
+
+    Raises:
+        DataError: naming ``--min-freq`` and the largest value that keeps a token.
+    """
+    specials = {UNK, EOS} if level == "word" else {UNK}
+    if any(token not in specials for token in vocab.tokens):
+        return
+    ordinary = [count for token, count in counts.items() if token not in specials]
+    if not ordinary:
+        raise DataError("the train split holds no token besides <unk> and <eos>; give a corpus with text in it")
+    raise DataError(f"--min-freq {settings.min_freq} leaves only <unk> in the vocabulary (the most frequent train "
+                    f"token occurs {max(ordinary):,} times); choose --min-freq {max(ordinary):,} or lower")

@@ -48,7 +48,8 @@ def model_facts(run: Run, settings: ServeConfig) -> dict:
         "vocabulary": len(run.vocab),
         "level": level,
         "test": test_metric,
-        "epochs": max((r["epoch"] for r in metrics), default=0),
+        # whole epochs: a stop in mid-epoch (--max-time, Ctrl-C) records its part of an epoch, which is not one
+        "epochs": max((r["epoch"] for r in metrics if r.get("complete", True)), default=0),
         "training_seconds": round(sum(r.get("seconds") or 0.0 for r in metrics), 1),
         "limits": {"max_tokens": settings.max_tokens, "max_prompt_chars": settings.max_prompt_chars,
                    "max_queue": settings.max_queue, "timeout": settings.timeout},

@@ -42,10 +42,13 @@ def epoch_record(*, epoch: int, complete: bool, train_loss: float, valid: EvalRe
     return record
 
 
-def epoch_line(record: dict, *, seconds: float, mfu: float | None) -> str:
+def epoch_line(record: dict, *, seconds: float, mfu: float | None, batches: tuple[int, int]) -> str:
     """The end-of-epoch line of the training log, in the PyTorch example's format plus speed (``seconds`` and
-    ``mfu`` unrounded)."""
+    ``mfu`` unrounded; ``batches``: windows trained of the epoch's, for a stop in mid-epoch)."""
     mfu_text = "" if mfu is None else f" | MFU {mfu:.1%}"
-    return (f"| end of epoch {record['epoch']:3d} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
+    # a stop in mid-epoch (--max-time, Ctrl-C) is not an epoch: the line says how much of it ran
+    ended = f"end of epoch {record['epoch']:3d}" if record["complete"] else \
+        f"epoch {record['epoch']} stopped after {batches[0]:,} of {batches[1]:,} batches"
+    return (f"| {ended} | time {seconds:6.1f}s | train loss {record['train_loss']:.3f} | "
             f"valid loss {record['valid_loss']:.3f} | valid ppl {record['valid_ppl']:9.2f} | lr {record['lr']:.3g} | "
             f"{record['tokens_per_s']:,.0f} tok/s{mfu_text}")

@@ -6,6 +6,12 @@ parameter count comes from building the model on the ``meta`` device (shapes onl
 every architecture without a formula per model. Initialising meta tensors imports sympy (73 MB of resident memory
 that a training run otherwise never needs), so a generous upper bound is tried first and only a model that might
 not fit is counted exactly.
+
+Activations count too: a Transformer's attention holds a ``(T, memory + T)`` score matrix per head and layer for
+the backward pass, so ``--bptt 100000 --batch-size 1`` wanted 80 GB of scores and failed after allocating 5.4 GB,
+leaving a half-made run. :func:`activation_bytes` estimates what one training step keeps for the backward pass
+(float32; a slight underestimate on purpose, so that only settings that cannot fit are refused); the check runs
+when the Trainer is built, before the run folder is claimed.
 """
 
 from __future__ import annotations
@@ -54,10 +60,35 @@ def available_bytes(device: torch.device, meminfo: Path = MEMINFO) -> int | None
     return None
 
 
-def check_model_fits(model: ModelConfig, train: TrainConfig, device: torch.device, meminfo: Path = MEMINFO) -> None:
-    """Refuse, in one line naming the flags, a model whose parameters alone would not fit in memory."""
+def activation_bytes(model: ModelConfig, train: TrainConfig, device: torch.device, train_tokens: int | None = None) -> int:
+    """Bytes one training step keeps for its backward pass (float32): per token and layer, the layer's
+    intermediate values and, for a Transformer whose attention scores are materialised (PyTorch's math kernel, which
+    training with dropout uses on the CPU), ``nhead × (memory + bptt)`` scores, their softmax and dropout; on an
+    accelerator, the logits over the vocabulary (the CPU head computes its loss in slices). ``train_tokens``
+    (the train split's length) caps the window: a step never holds more tokens than the data has (settings that
+    ask for more are refused by the batching check, which names them)."""
+    bptt, batch_size = train.bptt, train.batch_size
+    if train_tokens is not None:
+        batch_size = max(1, min(batch_size, train_tokens))
+        bptt = max(1, min(bptt, train_tokens // batch_size))
+    tokens = batch_size * bptt
+    if model.model == "Transformer":
+        per_layer = 12 * model.emsize + 3 * model.nhid
+        if device.type == "cpu":
+            per_layer += 3 * model.nhead * (model.memory + bptt)
+    else:
+        per_layer = 8 * max(model.emsize, model.nhid)
+    per_token = model.nlayers * per_layer + 2 * model.emsize + (3 * model.vocab_size if device.type != "cpu" else 0)
+    return tokens * per_token * 4
+
+
+def check_model_fits(model: ModelConfig, train: TrainConfig, device: torch.device, meminfo: Path = MEMINFO,
+                     train_tokens: int | None = None) -> None:
+    """Refuse, in one line naming the flags, a model whose parameters and one step's activations would not fit in
+    memory (before anything is allocated); ``train_tokens`` as :func:`activation_bytes`."""
     available = available_bytes(device, meminfo)
-    if available is None or 2 * training_bytes(parameter_bound(model), train.optimizer) < available:
+    activations = activation_bytes(model, train, device, train_tokens)
+    if available is None or 2 * (training_bytes(parameter_bound(model), train.optimizer) + activations) < available:
         return
     parameters = parameter_count(model)
     needed = training_bytes(parameters, train.optimizer)
@@ -66,4 +97,11 @@ def check_model_fits(model: ModelConfig, train: TrainConfig, device: torch.devic
             f"the model has {parameters:,} parameters: training them with {train.optimizer} needs {format_size(needed)} "
             f"for weights, gradients and optimizer state, more than the {format_size(available)} free on {device}; choose a smaller "
             f"--nhid/--emsize/--nlayers, or a smaller vocabulary (--max-vocab, --min-freq)"
+        )
+    if needed + activations > available:
+        attention = " (attention scores grow with --bptt squared)" if model.model == "Transformer" else ""
+        raise ConfigError(
+            f"one training step of --batch-size {train.batch_size} × --bptt {train.bptt} needs about "
+            f"{format_size(activations)} of activations{attention} beside {format_size(needed)} of weights and optimizer "
+            f"state, more than the {format_size(available)} free on {device}; choose a smaller --bptt or --batch-size"
         )

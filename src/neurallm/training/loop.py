@@ -54,6 +54,7 @@ from neurallm.run_config import RunConfig
 from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.epoch_record import epoch_line, epoch_record
+from neurallm.data.trust import log_corpus_warnings
 from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
 from neurallm.training.optim import Schedule, build_optimizer
@@ -126,7 +127,8 @@ class Trainer:
     def _setup_device(self) -> torch.device:
         # under torchrun, CUDA means this rank's own GPU (cuda:LOCAL_RANK)
         device = self.ranks.device if self.ranks.device.type == "cuda" else pick_device(self.config.train.device)
-        check_model_fits(self.config.model, self.config.train, device)  # before the allocator fails with a traceback
+        check_model_fits(self.config.model, self.config.train, device,  # before the allocator fails with a traceback
+                         train_tokens=len(self.data.ids("train")))
         return device
 
     def _setup_model(self) -> LanguageModel:
@@ -350,7 +352,7 @@ class Trainer:
         if epoch_done:
             self._after_validation(valid.loss)
         self._keep(valid.loss)
-        logger.info(epoch_line(record, seconds=seconds, mfu=utilisation))
+        logger.info(epoch_line(record, seconds=seconds, mfu=utilisation, batches=(self.window, len(self.batches))))
 
     def _validate(self) -> EvalResult:
         """The validation split's loss of the weights to keep (NT-ASGD: the averaged weights)."""
@@ -402,6 +404,8 @@ class Trainer:
         bpc = f" | test bpc {test.bpc:.3f}" if self.config.tokenizer.level == "char" else ""
         bpc += f" | test bpb {test.bpb:.3f}" if test.bpb is not None else ""
         logger.info(f"| end of training | test loss {test.loss:.3f} | test ppl {test.ppl:9.2f}{bpc} | {test.tokens:,} tokens scored")
+        if self.ranks.is_main:  # beside the result they qualify: a test split too small, or mostly <unk>
+            log_corpus_warnings(self.data.meta, logger, ("test",))
         return TrainResult(self.run_dir, self.epoch, self.best_valid_loss, test, stopped_by)
 
     # --- checkpoints: the schema of last.safetensors is in neurallm.training.checkpoint -------------------
