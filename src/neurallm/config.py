@@ -109,6 +109,11 @@ class ModelConfig:
     adaptive_softmax: bool = setting(False, help="adaptive softmax output layer (frequent words full, rare ones in clusters; much faster on large vocabularies)")
     cutoffs: tuple[int, ...] = setting((2000, 10000), help="--adaptive-softmax: word ids where each cluster starts",
                                        parse=parse_cutoffs, default_text="2000,10000")
+    # Hugging Face's causal LMs (GPT-NeoX included) have no bias in their output layer: a Transformer trained
+    # without one maps onto GPT-NeoX exactly (`neurallm export RUN --hf DIR`).
+    output_bias: bool | None = setting(None, help="a bias in the full-softmax output layer; --no-output-bias makes a "
+                                       "Transformer exportable to Hugging Face transformers (export --hf)",
+                                       default_text="on")
 
     def __post_init__(self) -> None:
         _require(self.model in MODEL_TYPES, f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model!r}")
@@ -120,6 +125,8 @@ class ModelConfig:
         _require(0 <= self.memory <= MAX_WIDTH, f"--memory must be between 0 and {MAX_WIDTH:,}, got {self.memory}")
         _require(0 <= self.vocab_size <= MAX_VOCAB, f"vocab_size must be at most {MAX_VOCAB:,}, got {self.vocab_size}")
         self.cutoffs = tuple(self.cutoffs)
+        if self.output_bias is None:  # resolved here so that config.json records what the model was built with
+            self.output_bias = True
         for name in ("dropouti", "dropouth", "dropoute", "wdrop"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
@@ -304,7 +311,8 @@ class RunConfig:
                 source=from_dict(SourceSettings, source_settings, source),
                 tokenizer=from_dict(TokenizerSettings, data["tokenizer"], source),
                 vocab=from_dict(VocabSettings, data["vocab"], source),
-                model=from_dict(ModelConfig, data["model"], source),
+                # runs saved before --output-bias existed all had an output bias
+                model=from_dict(ModelConfig, {"output_bias": True, **data["model"]}, source),
                 train=from_dict(TrainConfig, data["train"], source),
             )
         except (KeyError, TypeError) as exc:
