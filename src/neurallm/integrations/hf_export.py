@@ -27,7 +27,6 @@ a Transformer with ``--memory`` (attention to the previous window), an adaptive 
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +37,6 @@ from neurallm.errors import ConfigError
 from neurallm.integrations.hf_tokenizer import build_tokenizer, line_break_text
 from neurallm.models.head import SoftmaxHead
 
-logger = logging.getLogger(__name__)
 
 ROPE_THETA = 10000.0  # neurallm.models.transformer.rotary's base
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the Transformer uses
@@ -110,13 +108,12 @@ def check_output_folder(folder: Path) -> None:
 
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--hf {folder}: a file of that name exists; name a new or empty folder")
-    if is_run_dir(folder):
-        raise ConfigError(f"--hf {folder} is a neurallm run folder; name a new or empty folder for the export")
-    if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
-        if foreign:
-            raise ConfigError(f"--hf {folder} holds files that are not a Hugging Face export ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); name a new or empty folder")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) if folder.is_dir() else []
+    if foreign:
+        if is_run_dir(folder):  # (a previous export has a config.json too, but nothing else of a run's)
+            raise ConfigError(f"--hf {folder} is a neurallm run folder; name a new or empty folder for the export")
+        raise ConfigError(f"--hf {folder} holds files that are not a Hugging Face export ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); name a new or empty folder")
 
 
 # what save_pretrained writes for a model and a fast tokenizer: a folder holding only these is a previous export
@@ -154,7 +151,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "be
         out_dir.mkdir(exist_ok=True)
         for entry in Path(tmp).iterdir():
             os.replace(entry, out_dir / entry.name)
-    logger.info(f"exported {run_dir} to {out_dir}")
     return out_dir
 
 
