@@ -412,9 +412,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--onnx", metavar="FILE", help="ONNX file to write (any model)")
-    target.add_argument("--hf", metavar="DIR", help="new or empty folder to write a Hugging Face transformers model and "
-                        "tokenizer into (a Transformer without --memory, trained with --no-output-bias)")
+    target.add_argument("--onnx", metavar="FILE", help=_with_default("ONNX file to write (any model); --onnx or --hf", "none"))
+    target.add_argument("--hf", metavar="DIR", help=_with_default(
+        "new or empty folder to write a Hugging Face transformers model and tokenizer into (a Transformer without "
+        "--memory, trained with --no-output-bias); --onnx or --hf", "none"))
     _add_checkpoint_flag(p)
 
 
