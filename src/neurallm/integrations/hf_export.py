@@ -46,8 +46,8 @@ def check_exportable(config, model) -> None:
     """Raise a one-line :class:`ConfigError` if the model has no exact GPT-NeoX counterpart."""
     model_config = config.model
     if model_config.model != "Transformer":
-        raise ConfigError(f"--hf: a {model_config.model} has no counterpart in Hugging Face transformers (its state "
-                          "is carried from token to token); export it with --onnx FILE instead")
+        raise ConfigError(f"--hf: --model {model_config.model} has no counterpart in Hugging Face transformers (its "
+                          "state is carried from token to token); export it with --onnx FILE instead")
     if model_config.memory > 0:
         raise ConfigError(f"--hf: this Transformer attends to a memory of the previous window (--memory "
                           f"{model_config.memory}), which no standard architecture does; export it with --onnx FILE instead")
