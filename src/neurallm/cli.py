@@ -415,7 +415,7 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     target.add_argument("--onnx", metavar="FILE", help=_with_default("ONNX file to write (any model); --onnx or --hf", "none"))
     target.add_argument("--hf", metavar="DIR", help=_with_default(
         "new or empty folder to write a Hugging Face transformers model and tokenizer into (a Transformer without "
-        "--memory, trained with --no-output-bias); --onnx or --hf", "none"))
+        "--memory and without an output bias, its default); --onnx or --hf", "none"))
     _add_checkpoint_flag(p)
 
 

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TRANSFORMER = dict(model="Transformer", emsize=16, nhid=32, nhead=2, nlayers=2, dropout=0.0, batch_size=4, bptt=16,
-                   epochs=1, optimizer="adamw", lr=3e-3, eval_batch_size=2, seed=3, output_bias=False)
+                   epochs=1, optimizer="adamw", lr=3e-3, eval_batch_size=2, seed=3)  # no output bias: the default
 # several lines, a blank one, words not in the vocabulary, punctuation, a CRLF line end, an unfinished last line
 TEXTS = ["the cat sat on the mat\n", "the zebra, the cat!\n\na dog ran (in the park)\r\nwe read", "",
          "\n", "  the   sun\tis hot  \n the bird\n", "x<unk>y <eos> the<eos>\n", "Ünïcödé wörds 😀 and the mat\n"]

@@ -21,10 +21,13 @@ def test_without_output_bias_the_head_has_no_bias_and_the_loss_is_plain_cross_en
     assert features.grad is not None and model.head.weight.grad is not None
 
 
-def test_the_default_keeps_the_bias_and_is_written_out():
-    config = ModelConfig(model="Transformer", vocab_size=50, emsize=16, nhead=2)
-    assert config.output_bias is True and config.to_dict()["output_bias"] is True
-    assert build_model(config).head.bias is not None
+def test_by_default_a_transformer_has_no_output_bias_and_an_rnn_has_one():
+    transformer = ModelConfig(model="Transformer", vocab_size=50, emsize=16, nhead=2)
+    assert transformer.output_bias is False and transformer.to_dict()["output_bias"] is False  # config.json says so
+    assert build_model(transformer).head.bias is None
+    lstm = ModelConfig(model="LSTM", vocab_size=50)
+    assert lstm.output_bias is True and build_model(lstm).head.bias is not None
+    assert ModelConfig(model="Transformer", vocab_size=50, emsize=16, nhead=2, output_bias=True).output_bias is True
 
 
 def test_a_run_saved_before_the_setting_existed_reads_as_having_a_bias():
@@ -32,6 +35,6 @@ def test_a_run_saved_before_the_setting_existed_reads_as_having_a_bias():
         "source": {"data": "x"}, "tokenizer": {}, "vocab": {}, "train": {},
         "model": {"model": "Transformer", "vocab_size": 50, "emsize": 16, "nhead": 2},
     })
-    assert saved.model.output_bias is True
+    assert saved.model.output_bias is True  # although a new Transformer has none by default
     without = RunConfig.from_dict({**saved.to_dict(), "model": {**saved.model.to_dict(), "output_bias": False}})
     assert without.model.output_bias is False

@@ -12,7 +12,7 @@ rotary positions          rotate-half, whole head, base 10000   ``rope_theta=100
 attention                 scaled by 1/sqrt(head size), biases  ``head_size**-0.5``, ``attention_bias=True``
 feed-forward              Linear, exact GELU, Linear            ``hidden_act="gelu"`` (exact, not tanh)
 layer norms               eps 1e-5, with biases; a final one    ``layer_norm_eps=1e-5``, ``final_layer_norm``
-output layer              no bias (``--no-output-bias``)        ``lm_head`` has none
+output layer              no bias (the Transformer's default)  ``lm_head`` has none
 tied embeddings           ``--tied``                            ``tie_word_embeddings``
 ========================  ====================================  ==========================================
 
@@ -22,7 +22,7 @@ are permuted on export.
 
 What has no counterpart is refused with one line naming ``--onnx``, which keeps everything: an RNN (its state),
 a Transformer with ``--memory`` (attention to the previous window), an adaptive softmax, and an output bias
-(train with ``--no-output-bias`` to export).
+(``--output-bias``, or a Transformer trained before it was off by default).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def check_exportable(config, model) -> None:
         raise ConfigError("--hf: an adaptive softmax has no counterpart in Hugging Face transformers; "
                           "export it with --onnx FILE instead")
     if model.head.bias is not None:
-        raise ConfigError("--hf: this Transformer has an output bias, which GPT-NeoX has not; train with "
-                          "--no-output-bias to export it, or export it with --onnx FILE instead")
+        raise ConfigError("--hf: this Transformer has an output bias, which GPT-NeoX has not; train it with "
+                          "--no-output-bias (the default since export --hf exists), or export it with --onnx FILE instead")
 
 
 def gpt_neox_config(config, context: int, line_break: int):
