@@ -400,16 +400,43 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write (required)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", metavar="FILE", help=_with_default("ONNX file to write (any model); --onnx or --hf", "none"))
+    target.add_argument("--hf", metavar="DIR", help=_with_default(
+        "new or empty folder to write a Hugging Face transformers model and tokenizer into (a Transformer without "
+        "--memory and without an output bias, its default); --onnx or --hf", "none"))
     _add_checkpoint_flag(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.hf is not None:
+        from neurallm.integrations.hf_export import export_hf
+
+        print(f"exported {args.run} to {export_hf(Path(args.run), Path(args.hf), checkpoint=args.checkpoint)} "
+              "(Hugging Face transformers, GPT-NeoX)")
+        return 0
     export_onnx = _onnx_exporter()
     out = export_onnx(Path(args.run), args.onnx, checkpoint=args.checkpoint)
     # with `--onnx -` the model itself went to standard output: the note goes to standard error
     print(f"exported {args.run} to {out} (ONNX)", file=sys.stderr if args.onnx == "-" else sys.stdout)
     return 0
+
+
+def add_lm_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("harness_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="the harness's own flags (`lm-eval run --help`): --tasks T, --include-path DIR, --limit N, "
+                        "--output_path DIR, ...; --model and --model_args are set to the run")
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from neurallm.integrations.lm_eval import run_harness_cli
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("lm_eval"):
+            raise
+        raise ConfigError("neurallm lm-eval needs lm-evaluation-harness: pip install 'neurallm[eval]'") from None
+    return run_harness_cli(args.run, args.harness_args)
 
 
 def add_explain_flags(p: argparse.ArgumentParser) -> None:
@@ -496,7 +523,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("evaluate a run: loss, perplexity, tokens scored (bpc at char level)", add_eval_flags, cmd_eval),
     "generate": Subcommand("sample text from a run", add_generate_flags, cmd_generate),
     "score": Subcommand("log-probability, token count and perplexity of each line of a text", add_score_flags, cmd_score),
-    "export": Subcommand("export a run's model to ONNX, its state as explicit inputs and outputs", add_export_flags, cmd_export),
+    "export": Subcommand("export a run's model to ONNX (its state as explicit inputs and outputs) or to Hugging Face "
+                         "transformers", add_export_flags, cmd_export),
+    "lm-eval": Subcommand("evaluate a run with lm-evaluation-harness (its command line, the run as the model)",
+                          add_lm_eval_flags, cmd_lm_eval),
     "explain": Subcommand("show how a text is batchified and cut into BPTT windows", add_explain_flags, cmd_explain),
     "datasets": Subcommand("list the registered datasets and where each is found", add_datasets_flags, cmd_datasets),
     "serve": Subcommand("serve a run: a web page and an HTTP API (generate, stream, score)", add_serve_flags, cmd_serve),

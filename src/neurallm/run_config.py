@@ -89,7 +89,7 @@ class RunConfig:
                 source=from_dict(SourceSettings, data["source"], source),
                 tokenizer=from_dict(TokenizerSettings, data["tokenizer"], source),
                 vocab=from_dict(VocabSettings, data["vocab"], source),
-                model=from_dict(ModelConfig, data["model"], source),
+                model=from_dict(ModelConfig, {"output_bias": True, **data["model"]}, source),  # runs before --output-bias had one
                 train=from_dict(TrainConfig, data["train"], source),
             )
         except (KeyError, TypeError) as exc:

@@ -20,15 +20,17 @@ class SoftmaxHead(OutputHead):
         in_features: size of the features it reads.
         vocab_size: number of tokens.
         tied_weight: the embedding weight to share (weight tying), or None for a weight of its own.
+        bias: whether the logits get a bias of their own (``--no-output-bias``: none, as Hugging Face's models).
     """
 
-    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None) -> None:
+    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None,
+                 bias: bool = True) -> None:
         super().__init__()
         if tied_weight is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-0.1, 0.1))
         else:
             self.weight = tied_weight
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
@@ -47,7 +49,8 @@ class SoftmaxHead(OutputHead):
         if features.device.type == "cpu" and reduction != "none":
             flat = features.reshape(-1, features.size(-1))
             matmul_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction, matmul_dtype)
+            bias = self.bias if self.bias is not None else flat.new_zeros(self.weight.size(0))  # no gradient to keep
+            return linear_cross_entropy(flat, self.weight, bias, targets.reshape(-1), reduction, matmul_dtype)
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
@@ -58,4 +61,4 @@ def build_head(config: ModelConfig, in_features: int, tied_weight: nn.Parameter 
     A vocabulary smaller than the first cutoff (a character corpus, say) has nothing to cluster: full softmax."""
     if config.adaptive_softmax and usable_cutoffs(config.cutoffs, config.vocab_size):
         return AdaptiveSoftmaxHead(in_features, config.vocab_size, config.cutoffs)
-    return SoftmaxHead(in_features, config.vocab_size, tied_weight)
+    return SoftmaxHead(in_features, config.vocab_size, tied_weight, bias=config.output_bias)
