@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neurallm.config import DATA_SETTINGS, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
+from neurallm.config import DATA_SETTINGS, EVAL_AMP, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, RunConfig, TrainConfig
 from neurallm.data.prepare import prepare  # noqa: F401  (part of this API; lives apart so that it needs no torch)
 from neurallm.data.sources import SPLITS, SourceSettings, dataset_location
 from neurallm.data.stream import PreparedCorpus, VocabSettings, cached_corpus, is_prepared, load_prepared, prepare_corpus
@@ -33,7 +33,7 @@ from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, eval
 from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
 from neurallm.generation import GenerationResult, generate
 from neurallm.models import build_model, count_parameters
-from neurallm.runtime import pick_device
+from neurallm.runtime import amp_dtype_for, pick_device
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
 from neurallm.training import checkpoint as ckpt
@@ -93,6 +93,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     device = pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
+    amp_dtype_for(train_config.amp, device)  # and --amp bf16 where the hardware has no bfloat16
     ranks, _ = ranks_from_environment(device)  # under torchrun: join the other processes (only rank 0 logs)
     trainer = None
     try:
@@ -256,10 +257,14 @@ class Run:
 
     def evaluate(self, data: str | Path | None = None, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
                  context: int | None = None, naive: bool = False, cache_pointer: CachePointerSettings | None = None,
-                 dynamic: DynamicSettings | None = None, **source_settings) -> EvalResult:
+                 dynamic: DynamicSettings | None = None, amp: str = EVAL_AMP, **source_settings) -> EvalResult:
         """Loss, perplexity and tokens scored on a split (exact method unless ``naive``; with a cache pointer or
         dynamic evaluation when their settings are given), with the share of its tokens that became ``<unk>`` (a
-        warning is logged above :data:`UNK_WARN_SHARE`)."""
+        warning is logged above :data:`UNK_WARN_SHARE`). ``amp`` is ``--amp``: ``bf16`` runs exact evaluation's
+        products in bfloat16, ``auto`` where the hardware has it (the other methods stay float32)."""
+        amp_dtype = amp_dtype_for(amp, next(self.model.parameters()).device)
+        if amp == "bf16" and (naive or cache_pointer is not None or dynamic is not None):
+            raise ConfigError("--amp bf16 applies to exact evaluation only; drop it with --naive, --cache-pointer or --dynamic")
         corpus = self.eval_data(data, splits=(split,), **source_settings)
         ids = corpus.ids(split)
         bptt = self.config.train.bptt
@@ -270,7 +275,7 @@ class Run:
         elif naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
-            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context, amp_dtype=amp_dtype)
         result.unk_share = unk_share(corpus, split)
         with_text_units(result, corpus.meta["splits"][split])
         warn_if_many_unknown(result.unk_share, f"{split} tokens of {corpus.meta.get('source', {}).get('data', data)}")

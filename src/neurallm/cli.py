@@ -24,8 +24,8 @@ from pathlib import Path
 
 from neurallm import __version__
 from neurallm.config import (
-    CACHE_LAMBDA, CACHE_THETA, CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, DYNAMIC_DECAY, DYNAMIC_LR, EVAL_BATCH_SIZE,
-    TRAIN_SETTINGS, ModelConfig, TrainConfig,
+    AMP_MODES, CACHE_LAMBDA, CACHE_THETA, CONTEXT_AUTO, CONTEXT_HELP, DATA_SETTINGS, DEVICES, DYNAMIC_DECAY, DYNAMIC_LR,
+    EVAL_AMP, EVAL_BATCH_SIZE, TRAIN_SETTINGS, ModelConfig, TrainConfig,
 )
 from neurallm.data.sources import SourceSettings
 from neurallm.data.vocab import VocabSettings
@@ -242,6 +242,10 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="dynamic evaluation: tokens per update (default: the run's --bptt)")
     g.add_argument("--compare-batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="print a table of naive vs exact perplexity per batch size (default: none)")
+    g.add_argument("--amp", choices=AMP_MODES, default=EVAL_AMP,
+                   help=_with_default("bf16: exact evaluation's matrix products in bfloat16 (within 0.05%% of float32; "
+                                      "refused without bfloat16 hardware); auto: bf16 where the hardware has it; "
+                                      "none: float32", EVAL_AMP))
     _add_checkpoint_flag(g)
     _add_device_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
@@ -270,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dynamic = (DynamicSettings(args.dynamic_lr, args.dynamic_decay, args.dynamic_window or run.config.train.bptt)
                if args.dynamic else None)
     result = run.evaluate(args.data, split=args.split, batch_size=args.batch_size, context=args.context, naive=args.naive,
-                          cache_pointer=pointer, dynamic=dynamic, **source)
+                          cache_pointer=pointer, dynamic=dynamic, amp=args.amp, **source)
     summary = {"split": args.split, **result.to_dict(run.level)}
     if args.json:
         print(json.dumps(summary))

@@ -43,7 +43,7 @@ MODEL_TYPES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "AWD_LSTM", "Transformer")
 AWD_ONLY = ("dropouti", "dropouth", "dropoute", "wdrop", "alpha", "beta")  # settings only AWD_LSTM reads
 OPTIMIZERS = ("sgd", "adamw", "ntasgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_MODES = ("none", "bf16")
+AMP_MODES = ("none", "bf16", "auto")
 # Upper bounds far beyond any model this package trains, so that a crafted config.json (nlayers 10**6) or a typo
 # (--nhid 2000000) is one line rather than minutes of building and gigabytes of memory.
 MAX_WIDTH = 65_536
@@ -54,6 +54,8 @@ MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 # every batch size agrees to well under 0.05%, so only speed decides). Columns cost a burn-in each; wider batches
 # make the RNN's per-step matrix products efficient.
 EVAL_BATCH_SIZE = 40
+# Exact evaluation's default precision (neurallm eval --amp): see docs/guides/speed.md for the agreement measured.
+EVAL_AMP = "none"
 # Evaluation-time methods' defaults (README: Cache pointer and dynamic evaluation, with the grids they came from).
 # The cache pointer's defaults help untuned (−26% test perplexity on cpu-fast); dynamic evaluation's 0.3 lowered
 # validation perplexity by 31-35% on the two runs measured (an SGD- and an AdamW-trained LSTM); the best rate depends
@@ -173,7 +175,8 @@ class TrainConfig:
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
     amp: str = setting("none", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
-                       "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
+                       "AMX or AVX-512 BF16; refused elsewhere); auto: bf16 where the hardware has it; softmax, loss, "
+                       "weights and validation stay float32",
                        choices=AMP_MODES)
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)", resumable=True)
 

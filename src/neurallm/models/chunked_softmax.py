@@ -35,7 +35,8 @@ CHUNK = 256
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight, bias, targets, mean: bool, grad_enabled: bool, matmul_dtype: torch.dtype):  # noqa: D102 - see the module docstring
+    def forward(ctx, features, weight, bias, targets, mean: bool, grad_enabled: bool, matmul_dtype: torch.dtype,  # noqa: D102 - see the module docstring
+                low_precision_weight: torch.Tensor | None):
         n, device = features.size(0), features.device
         # needs_input_grad only says which inputs require grad; under no_grad (evaluation) none is wanted
         wants_grad = tuple(needed and grad_enabled for needed in ctx.needs_input_grad[:3])
@@ -48,11 +49,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if low_precision:
             # bfloat16 products (float32 accumulation) run on the CPU's AMX/AVX-512 BF16 units at 2-3x the float32
             # speed; the bias is added in float32 (in bfloat16 it would lose all but 3 digits)
-            weight_mm, features_mm = weight.to(matmul_dtype), features.to(matmul_dtype)
+            weight_mm = weight.to(matmul_dtype) if low_precision_weight is None else low_precision_weight
+            features_mm = features.to(matmul_dtype)
         else:
             weight_mm = torch.cat((weight, bias[:, None]), dim=1)  # (V, D + 1)
             features_mm = torch.cat((features, features.new_ones(n, 1)), dim=1)  # (N, D + 1)
-        buffer = None
+        buffer = grad_buffer = None
         for start in range(0, n, CHUNK):
             x, t = features_mm[start : start + CHUNK], targets[start : start + CHUNK]
             rows = x.size(0)
@@ -67,11 +69,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not any(wants_grad):
                 continue
             # d loss / d logits = softmax − one-hot, times the reduction's scale (applied in the products)
-            buffer.exp_()
-            buffer[torch.arange(rows, device=device), t] -= 1.0
+            if low_precision:
+                # exp reads the float32 log-probabilities and writes them rounded to bfloat16 in the same pass: the
+                # products' operand, without a separate conversion pass over the (rows, V) buffer
+                if grad_buffer is None:
+                    grad_buffer = torch.empty(rows, weight.size(0), dtype=matmul_dtype, device=device)
+                grad_logits = torch.exp(buffer, out=grad_buffer[:rows])
+            else:
+                grad_logits = buffer.exp_()
+            grad_logits[torch.arange(rows, device=device), t] -= 1.0
             if grad_bias is not None:
-                grad_bias.add_(buffer.sum(0), alpha=scale)
-            grad_logits = buffer.to(matmul_dtype)
+                grad_bias.add_(grad_logits.sum(0, dtype=torch.float32), alpha=scale)
             if grad_features is not None:
                 into = grad_features[start : start + rows]
                 if low_precision:
@@ -98,20 +106,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # This head runs on the CPU only, where reading the value costs nothing.
         if grad_output.item() != 1.0:
             grads = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def linear_cross_entropy(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-    matmul_dtype: torch.dtype = torch.float32,
+    matmul_dtype: torch.dtype = torch.float32, low_precision_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NLL in nats of ``targets`` ``(N,)`` under ``softmax(features @ weight.T + bias)``; ``features`` ``(N, D)``.
 
     ``reduction`` is ``mean`` or ``sum``. Gradients flow to the features, the weight and the bias.
     ``matmul_dtype`` ``torch.bfloat16`` runs the three matrix products in bfloat16 (as autocast would); the
-    softmax, the loss and the gradients' accumulation stay float32.
+    softmax, the loss and the gradients' accumulation stay float32. ``low_precision_weight`` is ``weight`` already
+    cast to ``matmul_dtype`` (a copy the caller keeps while the weight does not change), else it is cast here.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     return _ChunkedLinearCrossEntropy.apply(features.float(), weight.float(), bias.float(), targets, reduction == "mean",
-                                            torch.is_grad_enabled(), matmul_dtype)
+                                            torch.is_grad_enabled(), matmul_dtype, low_precision_weight)

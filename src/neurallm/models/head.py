@@ -29,6 +29,18 @@ class SoftmaxHead(OutputHead):
         else:
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        # the weight cast to bfloat16, with the version of the weight it was cast from: a training step casts it once
+        # (the optimizer's in-place update bumps the version), an evaluation once for all its windows
+        self._cast_weight: tuple[int, int, torch.Tensor] | None = None
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, cast again only after the weight has changed."""
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._cast_weight is None or self._cast_weight[:2] != key or self._cast_weight[2].dtype != dtype:
+            with torch.no_grad():
+                self._cast_weight = (*key, weight.detach().to(dtype))
+        return self._cast_weight[2]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
@@ -46,8 +58,11 @@ class SoftmaxHead(OutputHead):
         """
         if features.device.type == "cpu" and reduction != "none":
             flat = features.reshape(-1, features.size(-1))
-            matmul_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction, matmul_dtype)
+            if not torch.is_autocast_enabled("cpu"):
+                return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction)
+            matmul_dtype = torch.get_autocast_dtype("cpu")
+            return linear_cross_entropy(flat, self.weight, self.bias, targets.reshape(-1), reduction, matmul_dtype,
+                                        self._weight_as(matmul_dtype))
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 

@@ -50,7 +50,7 @@ from neurallm.evaluation import EvalResult, evaluate, with_text_units
 from neurallm.models import build_model, count_parameters
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
-from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import amp_dtype_for, capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.footprint import check_model_fits
 from neurallm.training.ntasgd import ParameterAverage
@@ -229,7 +229,7 @@ class Trainer:
             if not train.variable_bptt:
                 self.odd_window_model = self.step_model
             self.step_model = compile_for_training(self.model, self.step_model)
-        self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
+        self.amp_dtype = amp_dtype_for(train.amp, self.device)
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
         self.flops_per_token = model_flops_per_token(config.model, train.bptt, count_parameters(self.model))
