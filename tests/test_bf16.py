@@ -25,11 +25,10 @@ from neurallm.models.head import SoftmaxHead
 
 from conftest import TINY_MODEL, write_patterned_corpus
 
-# On the tiny model bfloat16 evaluation sits 0.055% above float32 (measured; the output layer's rounding 0.040%, the
-# LSTM's 0.011%); the PyTorch example's model on wt2-lite is where the 0.05% promise is measured
-# (benchmarks/eval_speed.py --amp bf16, docs/guides/speed.md). A wrong product (a lost bias, a stale bfloat16
-# weight) moves the loss by far more than this bound.
-AGREEMENT = 0.001
+# 0.05%, the promise exact evaluation makes; on the tiny model bfloat16 evaluation measured 0.0035% above float32 (its
+# output layer alone +0.021%, its LSTM alone +0.011%). With the logits' bfloat16 rounding in the loss (the softmax in
+# float32 over rounded logits) the gap was 0.055%.
+AGREEMENT = 0.0005
 INVARIANCE = 0.0005  # 0.05%: exact evaluation's promise, kept in bfloat16
 CPU = torch.device("cpu")
 
@@ -120,16 +119,22 @@ def test_a_bf16_run_resumes_exactly(corpus, tmp_path, bf16_hardware):
 
 
 def test_the_cached_bf16_weight_follows_every_update():
-    """The output layer casts its weight to bfloat16 once per change (once per training step), never serving a
-    copy older than the weight."""
+    """The output layer casts its weight and bias to bfloat16 once per change (once per training step), never
+    serving a copy older than them."""
     head = SoftmaxHead(8, 20)
     first = head._weight_as(torch.bfloat16)
     assert head._weight_as(torch.bfloat16) is first  # unchanged weight: the same copy
     with torch.no_grad():
         head.weight.add_(1.0)  # as the optimizer's in-place step
     second = head._weight_as(torch.bfloat16)
-    assert torch.equal(second, head.weight.detach().bfloat16())
+    assert torch.equal(second[:, :8], head.weight.detach().bfloat16())
     assert not torch.equal(second, first)
+    with torch.no_grad():
+        head.bias.sub_(9.3)
+    third = head._weight_as(torch.bfloat16)
+    # the bias rides in two columns, high and low halves: 16 bits of mantissa where one bfloat16 keeps 8
+    assert torch.allclose(third[:, 8].double() + third[:, 9].double(), head.bias.detach().double(), rtol=1e-4, atol=0)
+    assert not torch.allclose(third[:, 8].double(), head.bias.detach().double(), rtol=1e-4, atol=0)
 
 
 def test_without_bf16_hardware_amp_bf16_is_refused_and_auto_falls_back(no_bf16_hardware):

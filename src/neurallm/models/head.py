@@ -9,7 +9,7 @@ from torch import nn
 
 from neurallm.config import ModelConfig
 from neurallm.models.adaptive import AdaptiveSoftmaxHead, usable_cutoffs
-from neurallm.models.chunked_softmax import linear_cross_entropy
+from neurallm.models.chunked_softmax import bf16_weight_with_bias, linear_cross_entropy
 from neurallm.models.contract import OutputHead
 
 
@@ -29,18 +29,17 @@ class SoftmaxHead(OutputHead):
         else:
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
-        # the weight cast to bfloat16, with the version of the weight it was cast from: a training step casts it once
-        # (the optimizer's in-place update bumps the version), an evaluation once for all its windows
-        self._cast_weight: tuple[int, int, torch.Tensor] | None = None
+        # the weight and bias as the bfloat16 product takes them (bf16_weight_with_bias), with the versions they were
+        # made from: a training step makes it once (the optimizer's in-place update bumps the versions), an evaluation
+        # once for all its windows
+        self._cast_weight: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``, cast again only after the weight has changed."""
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        if self._cast_weight is None or self._cast_weight[:2] != key or self._cast_weight[2].dtype != dtype:
-            with torch.no_grad():
-                self._cast_weight = (*key, weight.detach().to(dtype))
-        return self._cast_weight[2]
+        """The weight and bias in ``dtype`` (``(V, D + 2)``), made again only after either has changed."""
+        key = (self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
+        if self._cast_weight is None or self._cast_weight[0] != key or self._cast_weight[1].dtype != dtype:
+            self._cast_weight = (key, bf16_weight_with_bias(self.weight, self.bias, dtype))
+        return self._cast_weight[1]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
