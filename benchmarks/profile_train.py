@@ -18,7 +18,7 @@ from neurallm.api import prepare
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.models import build_model
-from neurallm.runtime import cuda_matmul_precision, keep_freed_memory, pick_device
+from neurallm.runtime import amp_dtype_for, cuda_matmul_precision, keep_freed_memory, pick_device
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 
@@ -29,13 +29,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="as neurallm train --amp")
+    p.add_argument("--amp", choices=["none", "bf16", "auto"], default="none", help="as neurallm train --amp")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
     p.add_argument("--shapes", action="store_true", help="one row per operator and input shapes (which conversions)")
     args = p.parse_args()
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    amp_dtype = amp_dtype_for(args.amp, device)
     keep_freed_memory()
     prepared = prepare(args.data)
     torch.manual_seed(1111)
