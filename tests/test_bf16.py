@@ -167,3 +167,11 @@ def test_eval_json_records_the_precision_used(float32_run, capsys, bf16_hardware
 def test_amp_bf16_with_an_evaluation_time_method_is_refused(float32_run, capsys, bf16_hardware):
     assert main(["eval", str(float32_run), "--amp", "bf16", "--dynamic"]) != 0
     assert "--amp bf16 applies to exact evaluation only" in capsys.readouterr().err
+
+
+def test_the_pytorch_example_presets_stay_float32_whatever_the_default():
+    """pe-small/medium/large reproduce the example's numbers, which it measured in float32."""
+    from neurallm.presets import PRESETS
+
+    assert {name: preset.settings["amp"] for name, preset in PRESETS.items() if name.startswith("pe-")} == {
+        "pe-small": "none", "pe-medium": "none", "pe-large": "none"}

@@ -25,7 +25,8 @@ class Preset:
 
 
 # The PyTorch example's three documented configurations (its README: 200/650/1500 units, dropout 0.2/0.5/0.65).
-_PE = dict(model="LSTM", nlayers=2, lr=20.0, clip=0.25, epochs=40, batch_size=20, bptt=35, optimizer="sgd")
+# float32 (amp none) whatever the default: these presets reproduce the example's numbers, which it measured in float32.
+_PE = dict(model="LSTM", nlayers=2, lr=20.0, clip=0.25, epochs=40, batch_size=20, bptt=35, optimizer="sgd", amp="none")
 # AWD-LSTM's published settings (Merity et al. 2018, the salesforce/awd-lstm-lm README): 3 layers 1150 wide,
 # a 400-wide tied embedding, NT-ASGD at lr 30, every regulariser on.
 _AWD = dict(model="AWD_LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, dropout=0.4, dropoute=0.1, wdrop=0.5,
@@ -44,10 +45,12 @@ PRESETS: dict[str, Preset] = {
                       {**_AWD, "dropouti": 0.4, "dropouth": 0.25, "batch_size": 20, "epochs": 500, "seed": 141}),
     # tuned on wt2-lite with --max-time 110 (README: Better models per minute, Measured): lr 3e-3 -> 1e-2, weight
     # decay 0.01 -> 0.1 and dropout 0.3 -> 0.4 took test perplexity from 210.6 to 177.1 on the same machine
+    # --amp auto: bfloat16 products where the hardware has them: about twice the tokens in the same minutes
+    # (docs/guides/speed.md)
     "cpu-fast": Preset("a few CPU minutes on a word corpus: 1x256 LSTM, adaptive softmax 2000,6000, dropout 0.4, "
-                       "AdamW 1e-2 (weight decay 0.1) annealed to --max-time",
+                       "AdamW 1e-2 (weight decay 0.1) annealed to --max-time, bfloat16 products where the hardware has them",
                        dict(model="LSTM", emsize=256, nhid=256, nlayers=1, dropout=0.4, adaptive_softmax=True,
-                            cutoffs=(2000, 6000), optimizer="adamw", lr=1e-2, weight_decay=0.1, epochs=50)),
+                            cutoffs=(2000, 6000), optimizer="adamw", lr=1e-2, weight_decay=0.1, epochs=50, amp="auto")),
     "char-small": Preset("characters (tinyshakespeare): 2x256 LSTM, dropout 0.2, AdamW 2e-3, bptt 100",
                          dict(model="LSTM", emsize=128, nhid=256, nlayers=2, dropout=0.2, optimizer="adamw", lr=2e-3,
                               batch_size=32, bptt=100, epochs=10, level="char")),
