@@ -158,10 +158,16 @@ def test_the_cli_refuses_amp_bf16_in_one_line_without_the_hardware(float32_run, 
     assert len(errors) == 2 and all("no bfloat16 hardware" in line for line in errors)
 
 
-@pytest.mark.parametrize("amp, precision", [("none", "float32"), ("bf16", "bfloat16"), ("auto", "bfloat16")])
+@pytest.mark.parametrize("amp, precision", [("none", "float32"), ("bf16", "bfloat16"), ("auto", "bfloat16"),
+                                             (None, "bfloat16")])  # None: the default, auto
 def test_eval_json_records_the_precision_used(float32_run, capsys, bf16_hardware, amp, precision):
-    assert main(["eval", str(float32_run), "--amp", amp, "--json"]) == 0
+    assert main(["eval", str(float32_run), "--json", *([] if amp is None else ["--amp", amp])]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == precision
+
+
+def test_eval_by_default_runs_in_float32_without_bf16_hardware(float32_run, capsys, no_bf16_hardware):
+    assert main(["eval", str(float32_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "float32"
 
 
 def test_amp_bf16_with_an_evaluation_time_method_is_refused(float32_run, capsys, bf16_hardware):
