@@ -45,12 +45,10 @@ PRESETS: dict[str, Preset] = {
                       {**_AWD, "dropouti": 0.4, "dropouth": 0.25, "batch_size": 20, "epochs": 500, "seed": 141}),
     # tuned on wt2-lite with --max-time 110 (README: Better models per minute, Measured): lr 3e-3 -> 1e-2, weight
     # decay 0.01 -> 0.1 and dropout 0.3 -> 0.4 took test perplexity from 210.6 to 177.1 on the same machine
-    # --amp auto: bfloat16 products where the hardware has them: about twice the tokens in the same minutes
-    # (docs/guides/speed.md)
     "cpu-fast": Preset("a few CPU minutes on a word corpus: 1x256 LSTM, adaptive softmax 2000,6000, dropout 0.4, "
-                       "AdamW 1e-2 (weight decay 0.1) annealed to --max-time, bfloat16 products where the hardware has them",
+                       "AdamW 1e-2 (weight decay 0.1) annealed to --max-time",
                        dict(model="LSTM", emsize=256, nhid=256, nlayers=1, dropout=0.4, adaptive_softmax=True,
-                            cutoffs=(2000, 6000), optimizer="adamw", lr=1e-2, weight_decay=0.1, epochs=50, amp="auto")),
+                            cutoffs=(2000, 6000), optimizer="adamw", lr=1e-2, weight_decay=0.1, epochs=50)),
     "char-small": Preset("characters (tinyshakespeare): 2x256 LSTM, dropout 0.2, AdamW 2e-3, bptt 100",
                          dict(model="LSTM", emsize=128, nhid=256, nlayers=2, dropout=0.2, optimizer="adamw", lr=2e-3,
                               batch_size=32, bptt=100, epochs=10, level="char")),
