@@ -73,5 +73,5 @@ def test_output_layer_floor_prints_each_slice_size():
     summary = json.loads(out.splitlines()[-1])
     assert [row["rows"] for row in summary["slices"]] == [8, 32]
     timed = ("logits_addmm_us_per_token", "logits_bias_folded_us_per_token", "logits_bf16_us_per_token",
-             "fused_log_softmax_us_per_token")
+             "fused_log_softmax_us_per_token", "bf16_softmax_us_per_token")
     assert all(row[key] > 0 for row in summary["slices"] for key in timed)

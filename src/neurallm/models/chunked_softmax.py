@@ -25,7 +25,7 @@ With bfloat16 products (``--amp bf16``, see docs/guides/speed.md) the slices tak
 in the product as two bfloat16 columns, PyTorch's softmax reads the bfloat16 logits once and writes bfloat16
 probabilities (computed in float32 inside the kernel), the loss is ``-log p(target)`` summed in float32, and those
 probabilities minus the one-hot feed both gradient products (the bias gradient is the weight product's extra
-column): two passes over each slice instead of five.
+column): two passes over each slice where the float32 route makes four.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _low_precision_slices(features, weight, bias, targets, weight_mm, scale, gra
     Per slice: the logits (bias included) come out of the product in bfloat16, the softmax reads them once and writes
     the probabilities in bfloat16 (computed in float32 inside the kernel), the loss is ``-log p(target)`` in float32,
     and the probabilities minus the one-hot are the operand of both gradient products. That is two passes over the
-    ``(rows, V)`` slice where the float32 path needs five, and the bias gradient is the product's extra column.
+    ``(rows, V)`` slice where the float32 path needs four, and the bias gradient is the product's extra column.
     """
     n, dim, device, dtype = features.size(0), weight.size(1), features.device, weight_mm.dtype
     features_mm = torch.cat((features.to(dtype), features.new_ones(n, 2, dtype=dtype)), dim=1)  # (N, D + 2)
