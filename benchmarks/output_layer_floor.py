@@ -3,8 +3,9 @@
 Exact evaluation cannot skip either: every scored token needs its full ``V``-wide logits and their log-sum-exp.
 This prints microseconds per token for the logits product in float32 (with the bias copied in by ``addmm``, and
 folded into the product as the output head does it) and in bfloat16 (float32 accumulation, as ``--amp bf16`` runs
-it), and for the log-sum-exp over float32 logits (PyTorch's separate elementwise passes, and the fused log-softmax
-kernel the head uses), at a few slice sizes, so the figure a whole evaluation reaches (``benchmarks/eval_speed.py``)
+it), for the log-sum-exp over float32 logits (PyTorch's separate elementwise passes, and the fused log-softmax
+kernel the head uses), and for the softmax over bfloat16 logits (the ``--amp bf16`` route's one pass), at a few
+slice sizes, so the figure a whole evaluation reaches (``benchmarks/eval_speed.py``)
 can be read against it.
 
 Usage::
@@ -64,6 +65,12 @@ def main() -> None:
             work.copy_(logits)
             torch.log_softmax(work, dim=1, out=work)
 
+        logits_bf16 = logits.bfloat16()
+        probs_bf16 = torch.empty_like(logits_bf16)
+
+        def bf16_softmax() -> None:  # bfloat16 logits in, bfloat16 probabilities out (float32 inside the kernel)
+            torch.ops.aten._softmax.out(logits_bf16, 1, False, out=probs_bf16)
+
         copy = per_token_us(lambda: work.copy_(logits), rows, args.repeats)
         rows_out.append({"rows": rows, "logits_addmm_us_per_token": round(addmm, 1),
                          "logits_bias_folded_us_per_token": round(folded, 1),
@@ -71,7 +78,8 @@ def main() -> None:
                          "logits_bf16_us_per_token": round(bf16, 1),
                          "logits_bf16_gflops": round(flops / (bf16 * rows * 1e-6) / 1e9),
                          "separate_passes_us_per_token": round(per_token_us(separate_passes, rows, args.repeats) - copy, 1),
-                         "fused_log_softmax_us_per_token": round(per_token_us(fused_log_softmax, rows, args.repeats) - copy, 1)})
+                         "fused_log_softmax_us_per_token": round(per_token_us(fused_log_softmax, rows, args.repeats) - copy, 1),
+                         "bf16_softmax_us_per_token": round(per_token_us(bf16_softmax, rows, args.repeats), 1)})
         print(rows_out[-1], flush=True)
     print(json.dumps({"dim": args.dim, "vocab": args.vocab, "slices": rows_out}))
 

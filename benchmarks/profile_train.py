@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler over steps of the PyTorch example's default LSTM.
 
 Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25] [--amp bf16]
-[--device cuda]``. Prints the operators sorted by total CPU time (self time excluded from parents), after a few
+[--device cuda] [--shapes]``. Prints the operators sorted by total CPU time (self time excluded from parents), after a few
 warm-up steps; on a GPU also the table sorted by GPU time, and the step's time with the host's share of it (a
 step whose host time is most of its wall time waits on Python and kernel launches, not on the GPU).
 """
@@ -18,7 +18,7 @@ from neurallm.api import prepare
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.models import build_model
-from neurallm.runtime import cuda_matmul_precision, keep_freed_memory, pick_device
+from neurallm.runtime import amp_dtype_for, cuda_matmul_precision, keep_freed_memory, pick_device
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 
@@ -29,12 +29,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="as neurallm train --amp")
+    p.add_argument("--amp", choices=["none", "bf16", "auto"], default="none", help="as neurallm train --amp")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
+    p.add_argument("--shapes", action="store_true", help="one row per operator and input shapes (which conversions)")
     args = p.parse_args()
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    amp_dtype = amp_dtype_for(args.amp, device)
     keep_freed_memory()
     prepared = prepare(args.data)
     torch.manual_seed(1111)
@@ -67,11 +68,11 @@ def main() -> None:
     print(f"{1000 * wall / args.steps:.2f} ms/step without the profiler"
           + (f"; the host's CPU time to queue a step: {1000 * host / args.steps:.2f} ms" if on_gpu else ""))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step()
         wait()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if on_gpu:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
 

@@ -44,20 +44,25 @@ def run_child(command: list[str], env: dict | None = None) -> tuple[str, float]:
     return text, usage.ru_maxrss / 1024
 
 
-def neurallm_epoch(data: str, amp: str) -> dict:
+def threads_env(threads: int | None) -> dict | None:
+    """The environment of a child limited to ``threads`` threads (None: torch's choice)."""
+    return None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+
+def neurallm_epoch(data: str, amp: str, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         run = Path(folder) / "run"
         command = [sys.executable, "-m", "neurallm", "train", "--data", data, "--out", str(run), "--epochs", "1", "--no-progress",
                    "--amp", amp]
         started = time.perf_counter()
-        _, rss = run_child(command)
+        _, rss = run_child(command, threads_env(threads))
         record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         return {"tokens_per_s": record["tokens_per_s"], "valid_ppl": record["valid_ppl"], "peak_rss_mb": rss,
                 "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def baseline_epoch(data: str) -> dict:
-    text, rss = run_child([sys.executable, str(HERE / "baseline.py"), "--data", data])
+def baseline_epoch(data: str, threads: int | None) -> dict:
+    text, rss = run_child([sys.executable, str(HERE / "baseline.py"), "--data", data], threads_env(threads))
     result = json.loads(text.splitlines()[-1])
     return {"tokens_per_s": result["train_tokens_per_s"], "valid_ppl": result["valid_ppl"], "peak_rss_mb": rss}
 
@@ -79,7 +84,7 @@ def child(program: str, data: str, batches: int, threads: int | None, amp: str) 
         from neurallm.config import ModelConfig, TrainConfig
         from neurallm.data.batching import ContiguousBatches, batchify
         from neurallm.models import build_model
-        from neurallm.runtime import keep_freed_memory
+        from neurallm.runtime import amp_dtype_for, keep_freed_memory
         from neurallm.training.optim import build_optimizer
         from neurallm.training.step import training_step
 
@@ -91,10 +96,10 @@ def child(program: str, data: str, batches: int, threads: int | None, amp: str) 
         optimizer = build_optimizer(model, train)
         state = model.init_state(train.batch_size)
         stream = ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt)
+        amp_dtype = amp_dtype_for(amp, torch.device("cpu"))
         started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
         for inputs, targets in list(stream.epoch(0))[:batches]:
-            state = training_step(model, optimizer, inputs, targets, state, clip=train.clip,
-                                  amp_dtype=torch.bfloat16 if amp == "bf16" else None).state
+            state = training_step(model, optimizer, inputs, targets, state, clip=train.clip, amp_dtype=amp_dtype).state
             tokens += inputs.numel()
     else:
         sys.path.insert(0, str(HERE))
@@ -128,8 +133,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batches", type=int, help="time only the first N windows (a bare loop) instead of an epoch")
-    p.add_argument("--threads", type=int, help="torch threads in the --batches loops (default: torch's choice)")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+    p.add_argument("--threads", type=int, help="torch threads of both programs (default: torch's choice)")
+    p.add_argument("--amp", choices=["none", "bf16", "auto"], default="none",
                    help="neurallm's --amp (bf16: bfloat16 matrix products, AMX/AVX-512 BF16 on a recent x86 CPU)")
     p.add_argument("--child", choices=["neurallm", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -142,7 +147,8 @@ def main() -> None:
             if args.batches:
                 result = windows(program, args.data, args.batches, args.threads, args.amp)
             else:
-                result = neurallm_epoch(args.data, args.amp) if program == "neurallm" else baseline_epoch(args.data)
+                result = (neurallm_epoch(args.data, args.amp, args.threads) if program == "neurallm"
+                          else baseline_epoch(args.data, args.threads))
             results[program].append(result)
             print(f"{program:9} run {repeat + 1}: " + ", ".join(f"{k} {v:,.2f}" for k, v in result.items()), flush=True)
     summary = {}

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from neurallm.runtime import bf16_supported
 
 from conftest import write_patterned_corpus
 
@@ -58,10 +61,19 @@ def test_eval_speed_reports_agreement_between_batch_sizes(tmp_path):
     assert summary["exact"][1]["gap_vs_first"] < 5e-4
 
 
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bfloat16 hardware")
+def test_eval_speed_compares_bf16_with_float32_evaluation(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=400)
+    out = _run("eval_speed.py", "--data", str(corpus), "--batch-sizes", "1,4", "--repeats", "1", "--amp", "none,bf16")
+    rows = json.loads(out.splitlines()[-1])["exact"]
+    assert [(row["amp"], row["batch_size"]) for row in rows] == [("none", 1), ("none", 4), ("bf16", 1), ("bf16", 4)]
+    assert rows[0]["gap_vs_float32"] == 0.0 and rows[2]["gap_vs_float32"] != 0.0
+
+
 def test_output_layer_floor_prints_each_slice_size():
     out = _run("output_layer_floor.py", "--dim", "16", "--vocab", "500", "--rows", "8,32", "--repeats", "2")
     summary = json.loads(out.splitlines()[-1])
     assert [row["rows"] for row in summary["slices"]] == [8, 32]
     timed = ("logits_addmm_us_per_token", "logits_bias_folded_us_per_token", "logits_bf16_us_per_token",
-             "fused_log_softmax_us_per_token")
+             "fused_log_softmax_us_per_token", "bf16_softmax_us_per_token")
     assert all(row[key] > 0 for row in summary["slices"] for key in timed)

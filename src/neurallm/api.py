@@ -39,7 +39,7 @@ from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_d
 from neurallm.generation import GenerationResult, generate, sampling_settings
 from neurallm.models import build_model, count_parameters
 from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
-from neurallm.runtime import pick_device
+from neurallm.runtime import amp_dtype_for, pick_device
 from neurallm.sampling import SamplingSettings, generation_context
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
@@ -112,6 +112,7 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
     train_config = TrainConfig(**train_settings)
     ModelConfig(**{**model_settings, "vocab_size": 2})  # check model flags before the data is read
     device = pick_device(train_config.device)  # and the device: `--device cuda` on a CPU machine fails before any work
+    amp_dtype_for(train_config.amp, device)  # and --amp bf16 where the hardware has no bfloat16
     ranks, _ = ranks_from_environment(device, ddp_timeout)  # under torchrun: join the other processes (only rank 0 logs)
     trainer = None
     try:
@@ -300,11 +301,16 @@ class Run:
 
         ``settings`` are the fields of :class:`~neurallm.config.EvalConfig` (split, batch_size, context, naive),
         :class:`~neurallm.config.EvalMethods` (cache_pointer, theta, lambda_, dynamic, dynamic_lr, dynamic_decay,
-        dynamic_window) and ``SourceSettings`` (how to read other ``data``): the flags of ``neurallm eval``.
+        dynamic_window) and ``SourceSettings`` (how to read other ``data``): the flags of ``neurallm eval``. ``amp`` is ``--amp``:
+        ``bf16`` runs exact evaluation's products in bfloat16, ``auto`` where the hardware has it (the other methods
+        stay float32).
         """
         evaluation, methods, source_settings = split_settings(settings, EvalConfig, EvalMethods, SourceSettings, what="evaluate")
         evaluation, methods = EvalConfig(**evaluation), EvalMethods(**methods)
         split, batch_size, context = evaluation.split, evaluation.batch_size, evaluation.context
+        amp_dtype = amp_dtype_for(evaluation.amp, next(self.model.parameters()).device)
+        if evaluation.amp == "bf16" and (evaluation.naive or methods.cache_pointer is not None or methods.dynamic):
+            raise ConfigError("--amp bf16 applies to exact evaluation only; drop it with --naive, --cache-pointer or --dynamic")
         corpus = self.eval_data(data, splits=(split,), **source_settings)
         ids = corpus.ids(split)
         bptt = self.config.train.bptt
@@ -317,7 +323,7 @@ class Run:
         elif evaluation.naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
-            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context)
+            result = evaluate(self.model, ids, batch_size=batch_size, bptt=bptt, context=context, amp_dtype=amp_dtype)
         counts = corpus.meta["splits"][split]
         result.unk_share, replaced = unk_shares(counts)
         with_text_units(result, counts)

@@ -254,7 +254,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bpc = f" | bpc {result.bpc:.4f}" if run.level == "char" or result.chars_per_token else ""
         bpc += f" | bpb {result.bpb:.4f}" if result.bpb is not None else ""
         print(f"{evaluation.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f}{bpc} | tokens {result.tokens:,} | "
-              f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size} | {result.seconds:.1f}s")
+              f"<unk> {result.unk_share:.1%} | {result.method}, batch size {result.batch_size}, {result.precision} | "
+              f"{result.seconds:.1f}s")
     return 0
 
 

@@ -46,7 +46,7 @@ AWD_ONLY = ("dropouti", "dropouth", "dropoute", "wdrop", "alpha", "beta")  # set
 OPTIMIZER_STATE_COPIES = {"sgd": 0, "adamw": 2, "ntasgd": 1}
 OPTIMIZERS = tuple(OPTIMIZER_STATE_COPIES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_MODES = ("none", "bf16")
+AMP_MODES = ("none", "bf16", "auto")
 # Upper bounds far beyond any model this package trains, so that a crafted config.json (nlayers 10**6) or a typo
 # (--nhid 2000000) is one line rather than minutes of building and gigabytes of memory.
 MAX_WIDTH = 65_536
@@ -57,6 +57,10 @@ MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 # every batch size agrees to well under 0.05%, so only speed decides). Columns cost a burn-in each; wider batches
 # make the RNN's per-step matrix products efficient.
 EVAL_BATCH_SIZE = 40
+# Exact evaluation's default precision (neurallm eval --amp): bfloat16 where the hardware has it. Measured on the
+# PyTorch example's LSTM (one epoch on wt2-lite, test split): +0.011% perplexity against float32, batch sizes 10 and
+# 80 within 0.0001% of each other, 6x the example's evaluation speed (docs/guides/speed.md).
+EVAL_AMP = "auto"
 # Evaluation-time methods' defaults (README: Cache pointer and dynamic evaluation, with the grids they came from).
 # The cache pointer's defaults help untuned (−26% test perplexity on cpu-fast); dynamic evaluation's 0.3 lowered
 # validation perplexity by 31-35% on the two runs measured (an SGD- and an AdamW-trained LSTM); the best rate depends
@@ -209,7 +213,8 @@ class TrainConfig:
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
     amp: str = setting("none", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
-                       "AMX or AVX-512 BF16); softmax, loss and evaluation stay float32",
+                       "AMX or AVX-512 BF16; refused elsewhere); auto: bf16 where the hardware has it; softmax, loss, "
+                       "weights and validation stay float32",
                        choices=AMP_MODES)
     compile: bool = setting(False, help="torch.compile the training step (checkpoints stay loadable without it)", resumable=True)
     tensorboard: bool = setting(False, help="also write the training scalars (loss, ppl, lr, tokens/s, MFU; the metrics.jsonl "
@@ -264,8 +269,12 @@ class EvalConfig:
     batch_size: int = setting(EVAL_BATCH_SIZE, help="columns evaluated in parallel (does not change the exact result)")
     context: int | None = setting(None, help=CONTEXT_HELP, default_text=CONTEXT_AUTO)
     naive: bool = setting(False, help="the PyTorch example's method (its result depends on --batch-size)")
+    amp: str = setting(EVAL_AMP, help="bf16: exact evaluation's matrix products in bfloat16 (within 0.05% of float32; "
+                       "refused without bfloat16 hardware); auto: bf16 where the hardware has it; none: float32",
+                       choices=AMP_MODES)
 
     def __post_init__(self) -> None:
+        _require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         _require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _require(self.context is None or self.context >= 0, f"--context must be 0 or more, got {self.context}")

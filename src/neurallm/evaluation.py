@@ -41,7 +41,7 @@ from neurallm.config import EVAL_BATCH_SIZE
 from neurallm.distributed import SINGLE, Ranks
 from neurallm.errors import ConfigError
 from neurallm.models.contract import LanguageModel
-from neurallm.runtime import cuda_matmul_precision
+from neurallm.runtime import cuda_matmul_precision, precision_name
 
 HEAD_CHUNK = 4096  # positions per output-layer call
 
@@ -62,6 +62,7 @@ class EvalResult:
         settings: the settings of an evaluation-time method (cache pointer, dynamic evaluation), or None.
         bytes_per_token, chars_per_token: UTF-8 bytes and characters of the split's text per token (None when
             unknown: ids passed directly, or a corpus prepared before neurallm counted them).
+        precision: the matrix products' precision, ``float32`` or ``bfloat16`` (``--amp``).
     """
 
     loss: float
@@ -74,6 +75,7 @@ class EvalResult:
     settings: dict | None = None
     bytes_per_token: float | None = None
     chars_per_token: float | None = None
+    precision: str = "float32"
 
     @property
     def ppl(self) -> float:
@@ -98,6 +100,7 @@ class EvalResult:
             "method": self.method,
             "batch_size": self.batch_size,
             "context": self.context,
+            "precision": self.precision,
         }
         if level == "char" or self.chars_per_token is not None:
             out["bpc"] = self.bpc
@@ -147,13 +150,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off, no gradients and full float32 products (no TF32 on a GPU) while evaluating; the caller's mode
-    and settings are restored afterwards."""
+def eval_mode(model: nn.Module, amp_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Dropout off, no gradients and full float32 products (no TF32 on a GPU) while evaluating, or products in
+    ``amp_dtype`` (bfloat16 autocast: the softmax and the summed loss stay float32); the caller's mode and settings
+    are restored afterwards."""
     was_training = model.training
+    device = _device_of(model)
     model.eval()
     try:
-        with torch.no_grad(), cuda_matmul_precision(_device_of(model), tf32=False):
+        with torch.no_grad(), cuda_matmul_precision(device, tf32=False), \
+                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             yield
     finally:
         model.train(was_training)
@@ -172,6 +178,7 @@ def evaluate(
     bptt: int = 35,
     context: int | None = None,
     ranks: Ranks = SINGLE,
+    amp_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Exact evaluation of ``model`` on the id stream ``ids`` (see the module docstring).
 
@@ -186,6 +193,8 @@ def evaluate(
         ranks: under torchrun, the processes sharing the work: columns are independent, so each rank runs its
             own share of them and the summed NLL and token counts are added up (float64) across ranks; every
             rank returns the same result as one process would, to float rounding.
+        amp_dtype: ``torch.bfloat16`` for bfloat16 products (``--amp bf16``; :func:`~neurallm.runtime.amp_dtype_for`
+            checks the hardware); None: float32.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -194,7 +203,7 @@ def evaluate(
     if context < 0:
         raise ConfigError(f"--context must be 0 or more, got {context}")
     started = time.perf_counter()
-    with eval_mode(model):
+    with eval_mode(model, amp_dtype):
         if layout.carries_state:
             columns = plan_eval_columns(len(ids), batch_size, context, align=layout.align or 1)
             own = columns[ranks.share(len(columns))]
@@ -208,7 +217,8 @@ def evaluate(
                 part_total, part_count = run_columns(model, ids, group, window=max(c.length for c in group))
                 total, count = total + part_total, count + part_count
         total, count = ranks.sum([total, count])
-    return EvalResult(total / count, int(count), time.perf_counter() - started, "exact", batch_size, context)
+    return EvalResult(total / count, int(count), time.perf_counter() - started, "exact", batch_size, context,
+                      precision=precision_name(amp_dtype))
 
 
 WindowScorer = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]

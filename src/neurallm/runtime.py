@@ -36,6 +36,45 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a CUDA GPU that says so, or a CPU with AVX-512 BF16 or AMX
+    (oneDNN's check). Elsewhere PyTorch emulates bfloat16 products in float32 at a fraction of float32's speed."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def amp_dtype_for(mode: str, device: torch.device, flag: str = "--amp") -> torch.dtype | None:
+    """The dtype of the matrix products that ``--amp MODE`` asks for on ``device`` (None: float32).
+
+    ``bf16`` on a device without bfloat16 hardware is refused (its products would be slower than float32's, and
+    the user asked for speed); ``auto`` takes bfloat16 where the hardware has it and float32 elsewhere.
+    """
+    import torch
+
+    if mode == "none":
+        return None
+    supported = bf16_supported(device)
+    if mode == "auto":
+        return torch.bfloat16 if supported else None
+    if mode != "bf16":
+        raise ConfigError(f"{flag} must be one of none, bf16, auto, got {mode!r}")
+    if not supported:
+        raise ConfigError(f"{flag} bf16: this {device.type.upper()} has no bfloat16 hardware (a CPU needs AVX-512 BF16 "
+                          f"or AMX; a GPU, Ampere or newer), so bfloat16 would be slower than float32; use {flag} none "
+                          "or auto")
+    return torch.bfloat16
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``bfloat16`` or ``float32``: the precision of the products, as ``eval --json`` and metrics record it."""
+    return "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+
+
 @contextmanager
 def cuda_matmul_precision(device: torch.device, *, tf32: bool) -> Iterator[None]:
     """Float32 products on CUDA for the duration: TF32 tensor cores (``tf32``: training, the setting every

@@ -63,12 +63,14 @@ def test_without_gradients_only_the_value_is_computed(monkeypatch):
     assert value.item() == pytest.approx(F.cross_entropy(features @ weight.T + bias, targets, reduction="sum").item(), rel=1e-5)
 
 
-def test_a_target_far_below_the_best_logit_costs_its_true_loss_not_infinity():
-    """A probability that underflows float32 (here e^-200) must still give its loss, 200 nats, not inf."""
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
+def test_a_target_far_below_the_best_logit_costs_its_true_loss_not_infinity(matmul_dtype):
+    """A probability that underflows float32 (here e^-200) must still give its loss, 200 nats, not inf (bfloat16
+    probabilities: the target's row is scored again from float32 logits)."""
     features = torch.tensor([[1.0]], requires_grad=True)
     weight = torch.tensor([[100.0], [-100.0]], requires_grad=True)
     bias = torch.zeros(2, requires_grad=True)
-    loss = linear_cross_entropy(features, weight, bias, torch.tensor([1]))
+    loss = linear_cross_entropy(features, weight, bias, torch.tensor([1]), matmul_dtype=matmul_dtype)
     assert loss.item() == pytest.approx(200.0, rel=1e-6)
     loss.backward()
     assert torch.isfinite(features.grad).all() and features.grad.item() == pytest.approx(200.0, rel=1e-6)  # p·W − W[target]

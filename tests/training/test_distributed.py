@@ -207,7 +207,10 @@ def test_a_run_trained_with_device_cuda_resumes_and_evaluates_on_a_cpu(trained_r
     assert json.loads((run / "config.json").read_text())["train"]["device"] == "cpu"
 
 
-def test_amp_bf16_trains_on_the_cpu_with_float32_losses(tmp_path):
+def test_amp_bf16_trains_on_the_cpu_with_float32_losses(tmp_path, monkeypatch):
+    from neurallm import runtime
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)  # a CPU without bfloat16 hardware refuses it
     corpus = write_patterned_corpus(tmp_path / "c", lines=60)
     result = neurallm.train(corpus, tmp_path / "run", amp="bf16", emsize=16, nhid=16, nlayers=1, batch_size=4, bptt=8,
                             epochs=1, lr=2.0, eval_batch_size=2, progress=False)

@@ -9,7 +9,7 @@ from torch import nn
 
 from neurallm.config import ModelConfig
 from neurallm.models.adaptive import AdaptiveSoftmaxHead, usable_cutoffs
-from neurallm.models.chunked_softmax import linear_cross_entropy
+from neurallm.models.chunked_softmax import bf16_weight_with_bias, linear_cross_entropy
 from neurallm.models.contract import OutputHead
 
 
@@ -31,6 +31,28 @@ class SoftmaxHead(OutputHead):
         else:
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+        # the weight and bias as the bfloat16 product takes them (bf16_weight_with_bias), with the versions they were
+        # made from: a training step makes it once (the optimizer's in-place update bumps the versions), an evaluation
+        # once for all its windows
+        self._cast_weight: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._zero_bias: torch.Tensor | None = None
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight and bias in ``dtype`` (``(V, D + 2)``), made again only after either has changed."""
+        bias = self._bias_or_zeros()
+        key = (self.weight.data_ptr(), self.weight._version, bias.data_ptr(), bias._version)
+        if self._cast_weight is None or self._cast_weight[0] != key or self._cast_weight[1].dtype != dtype:
+            self._cast_weight = (key, bf16_weight_with_bias(self.weight, bias, dtype))
+        return self._cast_weight[1]
+
+    def _bias_or_zeros(self) -> torch.Tensor:
+        """The bias, or (``--no-output-bias``) zeros kept once, so the fused loss and its bfloat16 copy need no second
+        route; nothing trains them."""
+        if self.bias is not None:
+            return self.bias
+        if self._zero_bias is None or self._zero_bias.device != self.weight.device:
+            self._zero_bias = self.weight.new_zeros(self.weight.size(0)).detach()
+        return self._zero_bias
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
@@ -48,9 +70,12 @@ class SoftmaxHead(OutputHead):
         """
         if features.device.type == "cpu" and reduction != "none":
             flat = features.reshape(-1, features.size(-1))
-            matmul_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-            bias = self.bias if self.bias is not None else flat.new_zeros(self.weight.size(0))  # no gradient to keep
-            return linear_cross_entropy(flat, self.weight, bias, targets.reshape(-1), reduction, matmul_dtype)
+            bias = self._bias_or_zeros()
+            if not torch.is_autocast_enabled("cpu"):
+                return linear_cross_entropy(flat, self.weight, bias, targets.reshape(-1), reduction)
+            matmul_dtype = torch.get_autocast_dtype("cpu")
+            return linear_cross_entropy(flat, self.weight, bias, targets.reshape(-1), reduction, matmul_dtype,
+                                        self._weight_as(matmul_dtype))
         logits = self.logits(features).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 

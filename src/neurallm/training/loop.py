@@ -51,7 +51,7 @@ from neurallm.models import build_model, count_parameters
 from neurallm.models.contract import LanguageModel, State
 from neurallm.plots import write_run_curves
 from neurallm.run_config import RunConfig
-from neurallm.runtime import capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
+from neurallm.runtime import amp_dtype_for, capture_rng_state, cuda_matmul_precision, pick_device, restore_rng_state, seed_everything
 from neurallm.training import checkpoint as ckpt
 from neurallm.training.epoch_record import epoch_line, epoch_record
 from neurallm.data.trust import log_corpus_warnings
@@ -151,7 +151,7 @@ class Trainer:
         self.step_models = wrap_for_training(self.model, self.device, distributed=self.ranks.distributed,
                                              compile=train.compile, variable_bptt=train.variable_bptt,
                                              full_window=(train.bptt, self.local_batch_size))
-        self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else None
+        self.amp_dtype = amp_dtype_for(train.amp, self.device)
         # reading a value back stalls an accelerator's queue: check faults every step only where that is free
         self.check_interval = 1 if syncs_for_free(self.device) else train.log_interval
         self.flops_per_token = model_flops_per_token(self.config.model, train.bptt, count_parameters(self.model))
