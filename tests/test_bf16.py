@@ -159,14 +159,14 @@ def test_the_cli_refuses_amp_bf16_in_one_line_without_the_hardware(float32_run, 
 
 
 @pytest.mark.parametrize("amp, precision", [("none", "float32"), ("bf16", "bfloat16"), ("auto", "bfloat16"),
-                                             (None, "bfloat16")])  # None: the default, auto
+                                             (None, "float32")])  # None: the default, float32
 def test_eval_json_records_the_precision_used(float32_run, capsys, bf16_hardware, amp, precision):
     assert main(["eval", str(float32_run), "--json", *([] if amp is None else ["--amp", amp])]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == precision
 
 
-def test_eval_by_default_runs_in_float32_without_bf16_hardware(float32_run, capsys, no_bf16_hardware):
-    assert main(["eval", str(float32_run), "--json"]) == 0
+def test_eval_auto_runs_in_float32_without_bf16_hardware(float32_run, capsys, no_bf16_hardware):
+    assert main(["eval", str(float32_run), "--json", "--amp", "auto"]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == "float32"
 
 

@@ -217,6 +217,7 @@ def test_lm_evaluation_harness_local_completions_uses_the_servers_tokenizer(live
     scoring gives for each document read after the harness's end-of-text token."""
     pytest.importorskip("tenacity", reason="local-completions needs lm-eval's 'api' extra")
     lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (registers the harness's own models, local-completions among them)
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(variable, "1")
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")

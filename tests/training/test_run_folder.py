@@ -112,7 +112,8 @@ def test_a_run_folder_deleted_while_training_is_not_recreated(training):
             break
     code, _, err = training.finish()
     assert code == 1, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    errors = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]  # the tiny corpus's
+    assert len(errors) == 1 and "Traceback" not in err, err
     assert "while training" in err and ("was deleted or moved" in err or "was the run folder deleted or moved?" in err)
     assert not training.out.exists()
 
