@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,21 +101,16 @@ def run_copy(trained_run, tmp_path) -> Path:
     return copy_run(trained_run, tmp_path / "run")
 
 
-@pytest.fixture(scope="session")
-def live_server(trained_run):
-    """``trained_run`` served by a real uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
+@contextmanager
+def serving(app) -> Iterator[int]:
+    """``app`` served by a real uvicorn on 127.0.0.1 (a free port), in a thread; yields the port."""
     import threading
     import time
 
-    pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
     import uvicorn
 
-    import neurallm
-    from neurallm.config import ServeConfig
     from neurallm.server import bind_socket
-    from neurallm.server.app import create_app
 
-    app = create_app(neurallm.load_run(trained_run), ServeConfig(max_tokens=200))
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -122,7 +119,21 @@ def live_server(trained_run):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(trained_run):
+    """``trained_run`` served by a real uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
+    pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
+    import neurallm
+    from neurallm.config import ServeConfig
+    from neurallm.server.app import create_app
+
+    with serving(create_app(neurallm.load_run(trained_run), ServeConfig(max_tokens=200))) as port:
+        yield f"http://127.0.0.1:{port}"

@@ -27,7 +27,7 @@ from neurallm.config import ServeConfig  # noqa: E402
 from neurallm.errors import ConfigError  # noqa: E402
 from neurallm.server.app import create_app  # noqa: E402
 
-from conftest import TINY_MODEL, write_patterned_corpus  # noqa: E402
+from conftest import TINY_MODEL, serving, write_patterned_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -148,23 +148,9 @@ def test_a_bpe_run_without_its_tokenizer_is_refused_at_start(tmp_path, capsys):
 @pytest.fixture
 def live(run):
     """A server on 127.0.0.1 whose generations can run long (--max-tokens 1,000,000); yields (port, app)."""
-    import uvicorn
-
-    from neurallm.server import bind_socket
-
     app = create_app(run, ServeConfig(max_tokens=1_000_000, timeout=600))
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield sock.getsockname()[1], app
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serving(app) as port:
+        yield port, app
 
 
 def _send_and_leave(port: int, path: str, body: dict, *, read_first: bool = False) -> None:

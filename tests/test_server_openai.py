@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
-import time
 
 import pytest
 
@@ -18,7 +16,7 @@ import neurallm  # noqa: E402
 from neurallm.config import ServeConfig  # noqa: E402
 from neurallm.server.app import create_app  # noqa: E402
 
-from conftest import TINY_MODEL, write_patterned_corpus  # noqa: E402
+from conftest import TINY_MODEL, serving, write_patterned_corpus  # noqa: E402
 
 BASE_URL = "http://127.0.0.1"
 TEXT = "the cat sat on the mat\nthe zebra ran in the park\n"  # "zebra" is not in the vocabulary
@@ -141,23 +139,9 @@ def test_an_api_key_is_required_only_when_given(runs):
 @pytest.fixture(scope="module")
 def live_openai(runs):
     """The LSTM run served by uvicorn on 127.0.0.1 with --api-key, in a thread; yields the base URL."""
-    import uvicorn
-
-    from neurallm.server import bind_socket
-
     app = create_app(neurallm.load_run(runs["lstm"]), ServeConfig(max_tokens=64, api_key="test-key"))
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_official_openai_client(live_openai, runs):
