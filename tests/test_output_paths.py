@@ -9,7 +9,6 @@ devices used are symlinks to ``/dev/null`` and nodes made in a temp folder, neve
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -26,13 +25,6 @@ from neurallm.fileio import atomic_write_text
 from neurallm.outputs import check_output_path, output_path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
 
 
 def snapshot(run: Path) -> dict[str, bytes]:

@@ -30,13 +30,6 @@ from neurallm.errors import RunDirError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
 def finishes(call, seconds: float = 30.0):
     """Run ``call`` in a thread and return what it returns; fail (rather than hang the suite) if it does not end."""
     outcome: dict = {}
