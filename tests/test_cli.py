@@ -415,3 +415,9 @@ def test_eval_and_explain_name_their_batch_size_list_alike():
     for command in ("eval", "explain"):
         options = {o for a in _subparsers()[command]._actions for o in a.option_strings}
         assert "--compare-batch-sizes" in options
+
+
+def test_every_subcommand_prints_its_help():
+    """argparse %-formats help texts, so a setting's help with a bare % ("within 0.05%") broke `eval --help`."""
+    for name, subparser in _subparsers().items():
+        assert subparser.format_help(), name

@@ -70,6 +70,7 @@ def add_setting_flag(group, s: Setting, *, required: bool = False, default_text:
         help_text = f"{s.help} (default: {default_text})"
     else:
         help_text = s.help_with_default()
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help texts: "within 0.05%" must stay text
     if s.kind is bool:
         # --no-FLAG too: a preset's switch (cpu-fast's --adaptive-softmax, awd-wt2's --tied) can be turned off
         group.add_argument(*names, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
