@@ -45,7 +45,8 @@ PRESETS: dict[str, Preset] = {
                       {**_AWD, "dropouti": 0.4, "dropouth": 0.25, "batch_size": 20, "epochs": 500, "seed": 141}),
     # retuned 2026-12-03 for the bfloat16 output layer (docs/guides/speed.md, "cpu-fast retuned"): on wt2-lite with
     # --max-time 110, one thread, the tied full softmax gave test perplexity 175.96 and 176.16 where the adaptive
-    # softmax recipe before it (adaptive 2000,6000, untied, dropout 0.4, lr 1e-2) gave 182.65 in the same conditions;
+    # softmax recipe before it (adaptive 2000,6000, untied, dropout 0.4, lr 1e-2) gave 182.65 in the same conditions
+    # (two threads, quiet machine: 170.24);
     # amp "auto": bfloat16 where the CPU has it, else float32 (then the full softmax is ~2x slower than adaptive)
     "cpu-fast": Preset("a few CPU minutes on a word corpus: 1x256 LSTM, tied full softmax (bfloat16 where the CPU has "
                        "it), dropout 0.3, AdamW 1.5e-2 (weight decay 0.1) annealed to --max-time",
