@@ -119,22 +119,34 @@ def test_a_bf16_run_resumes_exactly(corpus, tmp_path, bf16_hardware):
 
 
 def test_the_cached_bf16_weight_follows_every_update():
-    """The output layer casts its weight and bias to bfloat16 once per change (once per training step), never
+    """Under no_grad (evaluation) the output layer casts its weight and bias to bfloat16 once per change, never
     serving a copy older than them."""
     head = SoftmaxHead(8, 20)
-    first = head._weight_as(torch.bfloat16)
-    assert head._weight_as(torch.bfloat16) is first  # unchanged weight: the same copy
     with torch.no_grad():
-        head.weight.add_(1.0)  # as the optimizer's in-place step
-    second = head._weight_as(torch.bfloat16)
-    assert torch.equal(second[:, :8], head.weight.detach().bfloat16())
-    assert not torch.equal(second, first)
-    with torch.no_grad():
+        first = head._weight_as(torch.bfloat16)
+        assert head._weight_as(torch.bfloat16) is first  # unchanged weight: the same copy
+        head.weight.add_(1.0)  # an in-place change bumps the version counter
+        second = head._weight_as(torch.bfloat16)
+        assert torch.equal(second[:, :8], head.weight.detach().bfloat16())
+        assert not torch.equal(second, first)
         head.bias.sub_(9.3)
-    third = head._weight_as(torch.bfloat16)
+        third = head._weight_as(torch.bfloat16)
     # the bias rides in two columns, high and low halves: 16 bits of mantissa where one bfloat16 keeps 8
     assert torch.allclose(third[:, 8].double() + third[:, 9].double(), head.bias.detach().double(), rtol=1e-4, atol=0)
     assert not torch.allclose(third[:, 8].double(), head.bias.detach().double(), rtol=1e-4, atol=0)
+
+
+def test_a_training_step_sees_the_weights_fused_adamw_wrote():
+    """PyTorch's fused AdamW updates the weights in place without bumping their version counters, so a training
+    step (gradients on) must not reuse a copy made before the optimizer's step."""
+    head = SoftmaxHead(8, 20)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, fused=True)
+    before = head._weight_as(torch.bfloat16)
+    head.weight.grad, head.bias.grad = torch.ones_like(head.weight), torch.ones_like(head.bias)
+    optimizer.step()
+    after = head._weight_as(torch.bfloat16)
+    assert torch.equal(after[:, :8], head.weight.detach().bfloat16())
+    assert not torch.equal(after[:, :8], before[:, :8])
 
 
 def test_without_bf16_hardware_amp_bf16_is_refused_and_auto_falls_back(no_bf16_hardware):

@@ -64,16 +64,16 @@ def test_what_a_presets_summary_says_it_sets_is_what_it_sets(name):
 def test_explicit_settings_override_the_preset():
     merged = with_preset("cpu-fast", {"emsize": 64, "lr": 1e-3})
     assert merged["emsize"] == 64 and merged["lr"] == 1e-3
-    assert merged["adaptive_softmax"] is True  # the rest of the bundle stays
+    assert merged["tied"] is True  # the rest of the bundle stays
 
 
 def test_a_switch_the_preset_turns_on_can_be_turned_off(tmp_path):
     corpus = write_patterned_corpus(tmp_path / "corpus", lines=40)
     out = tmp_path / "run"
-    assert main(["train", "--preset", "cpu-fast", "--no-adaptive-softmax", "--data", str(corpus), "--out", str(out),
+    assert main(["train", "--preset", "cpu-fast", "--no-tied", "--data", str(corpus), "--out", str(out),
                  "--emsize", "16", "--nhid", "16", "--batch-size", "4", "--bptt", "8", "--epochs", "1", "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model"]["adaptive_softmax"] is False and saved["train"]["optimizer"] == "adamw"
+    assert saved["model"]["tied"] is False and saved["train"]["optimizer"] == "adamw"
 
 
 def test_train_help_lists_every_preset(capsys):
@@ -90,7 +90,7 @@ def test_a_preset_run_records_the_bundle_with_the_overrides(tmp_path):
     assert main(["train", "--preset", "cpu-fast", "--data", str(corpus), "--out", str(out), "--emsize", "16",
                  "--nhid", "16", "--batch-size", "4", "--bptt", "8", "--epochs", "1", "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model"]["adaptive_softmax"] is True and saved["model"]["nlayers"] == 1
+    assert saved["model"]["tied"] is True and saved["model"]["nlayers"] == 1
     assert saved["model"]["emsize"] == 16 and saved["train"]["epochs"] == 1 and saved["train"]["optimizer"] == "adamw"
 
 

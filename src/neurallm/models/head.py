@@ -32,14 +32,21 @@ class SoftmaxHead(OutputHead):
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         # the weight and bias as the bfloat16 product takes them (bf16_weight_with_bias), with the versions they were
-        # made from: a training step makes it once (the optimizer's in-place update bumps the versions), an evaluation
-        # once for all its windows
+        # made from: an evaluation makes it once for all its windows; a training step makes a fresh one (see _weight_as)
         self._cast_weight: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._zero_bias: torch.Tensor | None = None
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight and bias in ``dtype`` (``(V, D + 2)``), made again only after either has changed."""
+        """The weight and bias in ``dtype`` (``(V, D + 2)``): under no_grad made again only after either has changed;
+        with gradients on (a training step) made afresh every call."""
         bias = self._bias_or_zeros()
+        if torch.is_grad_enabled():
+            # the version counter cannot tell a training step whether the optimizer has moved the weights: PyTorch's
+            # fused AdamW (cpu-fast's optimizer) updates them in place without bumping it (torch 2.13), and a copy
+            # kept across its steps froze the output layer at its initial weights (training loss stuck near 8.6 on
+            # wt2-lite where float32 reached 6.4 in 80 steps). A step casts once anyway, so caching saves nothing here.
+            self._cast_weight = None
+            return bf16_weight_with_bias(self.weight, bias, dtype)
         key = (self.weight.data_ptr(), self.weight._version, bias.data_ptr(), bias._version)
         if self._cast_weight is None or self._cast_weight[0] != key or self._cast_weight[1].dtype != dtype:
             self._cast_weight = (key, bf16_weight_with_bias(self.weight, bias, dtype))
