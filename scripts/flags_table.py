@@ -42,7 +42,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def _row(action: argparse.Action) -> str:
     names = action.option_strings or [action.dest.upper()]
-    text = " ".join((action.help or "").split())
+    text = " ".join((action.help or "").split()).replace("%%", "%")  # argparse's escape of a literal %
     match = _DEFAULT.match(text)
     meaning, default = (match[1], match[2]) if match else (text, "off" if action.nargs == 0 else "")
     if action.required or not action.option_strings:
