@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 import neurallm
+from neurallm import runfolder
 from neurallm.cli import main
 from neurallm.errors import RunDirError
 from neurallm.fileio import atomic_write, atomic_write_text
@@ -34,7 +35,7 @@ from neurallm.fileio import atomic_write, atomic_write_text
 from conftest import TINY_MODEL, TRAINED_RUN_EPOCHS, write_patterned_corpus
 
 SRC = Path(neurallm.__file__).resolve().parent
-RUN_FILES = {"config.json", "vocab.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "results.json"}
+RUN_FILES = set(runfolder.RUN_FILES)  # curves.png too: a kill during its write leaves its temp file
 LOCK_FILE = ".neurallm.lock"  # a killed process leaves it; the kernel has released its lock
 # neurallm's own temp files (.NAME.XXXX.tmp) and safetensors' (.tmpXXXXXX: its writer also goes through a temp file)
 NEXT_EPOCH = str(TRAINED_RUN_EPOCHS + 1)  # `--resume --epochs NEXT_EPOCH` trains one more epoch of the session run
