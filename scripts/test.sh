@@ -3,7 +3,7 @@
 # test suite (everything but the `slow` marker), then build the documentation site as CI checks it
 # (mkdocs build --strict: a broken link or a stale generated page fails). Times: docs/development.md.
 # Extra arguments go to pytest, and then the docs build is skipped:
-#   ./scripts/test.sh -m "not slow and not integration"    the quick loop (no subprocess-heavy tests)
+#   ./scripts/test.sh -m "not slow and not integration" -n 2   the quick loop (no subprocess-heavy tests, 2 processes)
 #   ./scripts/test.sh -m slow                 the full-corpus checks
 #   ./scripts/test.sh tests/test_cli.py -x    one file
 set -euo pipefail
