@@ -311,6 +311,17 @@ def _is_number(value, *, finite: bool = True) -> bool:
     return math.isfinite(as_float) or (not finite and not math.isnan(as_float))
 
 
+def _check_numbers(values: dict, keys: tuple[str, ...], where: str, *, label: str = "", required: bool = False,
+                   finite: bool = True) -> None:
+    """Raise a RunDirError naming ``where`` unless each of ``keys`` in ``values`` is a number (finite unless
+    ``finite`` is False); a missing or null one is allowed unless ``required``."""
+    for key in keys:
+        value = values.get(key)
+        if (value is not None or required) and not _is_number(value, finite=finite):
+            kind = "finite number" if finite else "number"
+            raise RunDirError(f"{where}: {label}{key} is {json.dumps(value)[:40]}, not a {kind}; {DAMAGED}")
+
+
 def check_metric_record(record, where: str) -> dict:
     """``record`` if it is a sound epoch record (``epoch`` a whole number 1.., losses and rate finite numbers);
     else a RunDirError naming ``where`` ("RUN/metrics.jsonl line 3")."""
@@ -319,14 +330,9 @@ def check_metric_record(record, where: str) -> dict:
     epoch = record.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCH:
         raise RunDirError(f"{where}: epoch is {json.dumps(epoch)[:40]}, not a whole number from 1; {DAMAGED}")
-    for key in _RECORD_NUMBERS:
-        if not _is_number(record.get(key)):
-            raise RunDirError(f"{where}: {key} is {json.dumps(record.get(key))[:40]}, not a finite number; {DAMAGED}")
-    for key in _RECORD_OPTIONAL:
-        if record.get(key) is not None and not _is_number(record[key]):
-            raise RunDirError(f"{where}: {key} is {json.dumps(record[key])[:40]}, not a finite number; {DAMAGED}")
-    if record.get("valid_ppl") is not None and not _is_number(record["valid_ppl"], finite=False):
-        raise RunDirError(f"{where}: valid_ppl is {json.dumps(record['valid_ppl'])[:40]}, not a number; {DAMAGED}")
+    _check_numbers(record, _RECORD_NUMBERS, where, required=True)
+    _check_numbers(record, _RECORD_OPTIONAL, where)
+    _check_numbers(record, ("valid_ppl",), where, finite=False)
     if not isinstance(record.get("complete", True), bool):
         raise RunDirError(f"{where}: complete is {json.dumps(record['complete'])[:40]}, not true or false; {DAMAGED}")
     return record
@@ -369,11 +375,8 @@ def check_results(results, where: str) -> dict:
     if test is not None:
         if not isinstance(test, dict):
             raise RunDirError(f"{where}: test is {json.dumps(test)[:40]}, not an object; {DAMAGED}")
-        for key in _TEST_NUMBERS:
-            if test.get(key) is not None and not _is_number(test[key]):
-                raise RunDirError(f"{where}: test.{key} is {json.dumps(test[key])[:40]}, not a finite number; {DAMAGED}")
-        if test.get("ppl") is not None and not _is_number(test["ppl"], finite=False):
-            raise RunDirError(f"{where}: test.ppl is {json.dumps(test['ppl'])[:40]}, not a number; {DAMAGED}")
+        _check_numbers(test, _TEST_NUMBERS, where, label="test.")
+        _check_numbers(test, ("ppl",), where, label="test.", finite=False)
         tokens = test.get("tokens")
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
             raise RunDirError(f"{where}: test.tokens is {json.dumps(tokens)[:40]}, not a count; {DAMAGED}")
