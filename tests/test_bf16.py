@@ -51,7 +51,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def float32_run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("bf16-runs") / "float32"
-    neurallm.train(corpus, run, model="LSTM", progress=False, **TINY_MODEL)
+    neurallm.train(corpus, run, model="LSTM", progress=False, amp="none", **TINY_MODEL)
     return run
 
 
@@ -185,6 +185,16 @@ def test_eval_auto_runs_in_float32_without_bf16_hardware(float32_run, capsys, no
 def test_amp_bf16_with_an_evaluation_time_method_is_refused(float32_run, capsys, bf16_hardware):
     assert main(["eval", str(float32_run), "--amp", "bf16", "--dynamic"]) != 0
     assert "--amp bf16 applies to exact evaluation only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hardware, precision", [(True, "bfloat16"), (False, "float32")])
+def test_train_defaults_to_bf16_where_the_hardware_has_it_and_says_which(tiny_corpus, tmp_path, capsys, monkeypatch,
+                                                                           hardware, precision):
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: hardware)
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--no-progress"]) == 0
+    assert f"products in {precision} (--amp auto)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] == "auto"
 
 
 def test_the_pytorch_example_presets_stay_float32_whatever_the_default():

@@ -39,7 +39,7 @@ from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_d
 from neurallm.generation import GenerationResult, generate, sampling_settings
 from neurallm.models import build_model, count_parameters
 from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
-from neurallm.runtime import amp_dtype_for, pick_device
+from neurallm.runtime import amp_dtype_for, pick_device, precision_name
 from neurallm.sampling import SamplingSettings, generation_context
 from neurallm.scoring import TextScore, score_texts
 from neurallm.settings import settings_of, split_settings
@@ -150,8 +150,8 @@ def train(data: str | Path, out: str | Path, *, resume: bool = False, force: boo
             if ranks.is_main:  # once the run starts (a refused command says its one line alone)
                 log_corpus_warnings(prepared.meta, logger)  # splits too small, or mostly <unk>, to trust
             logger.info(f"{config.model.model}: {count_parameters(trainer.model):,} parameters, "
-                        f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}"
-                        + _processes_note(ranks))
+                        f"vocabulary {len(prepared.vocab):,}, {len(prepared.ids('train')):,} training tokens, device {trainer.device}, "
+                        f"products in {precision_name(trainer.amp_dtype)} (--amp {config.train.amp})" + _processes_note(ranks))
             return trainer.run()
     except Exception as exc:
         raise as_peer_lost(exc, ranks, ddp_timeout, out)  # a peer that died or stalled: one line, not gloo's traceback

@@ -213,7 +213,7 @@ class TrainConfig:
     dry_run: bool = setting(False, help="train one batch, then validate and test: checks that everything runs "
                                          "(the PyTorch example's --dry-run)")
     log_interval: int = setting(50, help="batches between progress updates (the progress bar, or a line when stderr is not a terminal)")
-    amp: str = setting("none", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
+    amp: str = setting("auto", help="bf16: train under bfloat16 autocast, matrix products in bfloat16 (GPUs, and CPUs with "
                        "AMX or AVX-512 BF16; refused elsewhere); auto: bf16 where the hardware has it; softmax, loss, "
                        "weights and validation stay float32",
                        choices=AMP_MODES)
