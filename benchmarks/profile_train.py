@@ -1,7 +1,8 @@
-"""Where a training step's time goes: torch.profiler over steps of the PyTorch example's default LSTM.
+"""Where a training step's time goes: torch.profiler over steps of the PyTorch example's default LSTM (or a preset's
+model and optimizer).
 
-Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--steps 30] [--rows 25] [--amp bf16]
-[--device cuda] [--shapes]``. Prints the operators sorted by total CPU time (self time excluded from parents), after a few
+Usage: ``python benchmarks/profile_train.py --data ../shared/data/wt2-lite [--preset cpu-fast] [--steps 30] [--rows 25]
+[--amp bf16] [--device cuda] [--shapes]``. Prints the operators sorted by total CPU time (self time excluded from parents), after a few
 warm-up steps; on a GPU also the table sorted by GPU time, and the step's time with the host's share of it (a
 step whose host time is most of its wall time waits on Python and kernel launches, not on the GPU).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,7 +20,8 @@ from neurallm.api import prepare
 from neurallm.config import ModelConfig, TrainConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.models import build_model
-from neurallm.runtime import amp_dtype_for, cuda_matmul_precision, keep_freed_memory, pick_device
+from neurallm.presets import PRESETS, with_preset
+from neurallm.runtime import amp_dtype_for, cuda_matmul_precision, keep_freed_memory, pick_device, precision_name
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 
@@ -29,18 +32,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--amp", choices=["none", "bf16", "auto"], default="none", help="as neurallm train --amp")
+    p.add_argument("--preset", choices=list(PRESETS), help="profile this preset's model, batch and optimizer "
+                   "(default: the PyTorch example's)")
+    p.add_argument("--amp", choices=["none", "bf16", "auto"], help="as neurallm train --amp (default: the preset's, "
+                   "or none for the example)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
     p.add_argument("--shapes", action="store_true", help="one row per operator and input shapes (which conversions)")
     args = p.parse_args()
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
-    amp_dtype = amp_dtype_for(args.amp, device)
+    amp = args.amp or (None if args.preset else "none")  # the example's own figures are float32
+    settings = with_preset(args.preset, {} if amp is None else {"amp": amp})
+    train = TrainConfig(**{k: v for k, v in settings.items() if k in _names(TrainConfig)})
+    amp_dtype = amp_dtype_for(train.amp, device)
     keep_freed_memory()
     prepared = prepare(args.data)
     torch.manual_seed(1111)
-    model = build_model(ModelConfig(vocab_size=len(prepared.vocab))).to(device).train()
-    train = TrainConfig()
+    model_settings = {k: v for k, v in settings.items() if k in _names(ModelConfig)}
+    model = build_model(ModelConfig(**model_settings, vocab_size=len(prepared.vocab))).to(device).train()
+    print(f"{args.preset or 'the PyTorch example'}: {type(model).__name__}, batch {train.batch_size}, bptt {train.bptt}, "
+          f"{train.optimizer}, products in {precision_name(amp_dtype)}")
     optimizer = build_optimizer(model, train)
     batches = iter(ContiguousBatches(batchify(prepared.ids("train"), train.batch_size), train.bptt, device).epoch(0))
     state = model.init_state(train.batch_size, device)
@@ -75,6 +86,10 @@ def main() -> None:
     print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if on_gpu:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+
+
+def _names(settings_class) -> set[str]:
+    return {field.name for field in fields(settings_class)}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,14 @@ def test_profile_train_prints_the_step_time_and_the_operator_table(tmp_path):
     assert "Self CPU time total" in out
 
 
+def test_profile_train_profiles_a_presets_model_and_optimizer(tmp_path):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=1000)
+    out = _run("profile_train.py", "--data", str(corpus), "--preset", "cpu-fast", "--amp", "none", "--steps", "2",
+               "--warmup", "1", "--rows", "5")
+    assert "cpu-fast: AWDLSTMLanguageModel, batch 20, bptt 35, adamw, products in float32" in out
+    assert "ms/step without the profiler" in out and "Self CPU time total" in out
+
+
 def test_gpu_throughput_prints_a_row_per_model_and_compile_mode_on_any_device():
     out = _run("gpu_throughput.py", "--tiny", "--device", "cpu", "--compile", "off", "--steps", "2", "--warmup", "1",
                "--batch-size", "3")

@@ -35,7 +35,7 @@ from neurallm.elastic import (
 from neurallm.errors import ConfigError, DataError
 from neurallm.evaluation import EvalResult, compare_batch_sizes, evaluate, evaluate_naive, with_text_units
 from neurallm.evaluation_methods.cache_pointer import CachePointerSettings, evaluate_cache_pointer
-from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic
+from neurallm.evaluation_methods.dynamic_eval import DynamicSettings, evaluate_dynamic, gradient_rms
 from neurallm.generation import GenerationResult, generate, sampling_settings
 from neurallm.models import build_model, count_parameters
 from neurallm.run_config import DATA_SETTINGS, TRAIN_SETTINGS, RunConfig
@@ -47,6 +47,7 @@ from neurallm import runfolder, weights
 from neurallm.errors import RunDirError
 
 if TYPE_CHECKING:  # training is imported by train() alone: loading and using a run never imports it
+    import numpy as np
     from neurallm.training.loop import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -300,8 +301,8 @@ class Run:
         warning is logged above :data:`UNK_WARN_SHARE`).
 
         ``settings`` are the fields of :class:`~neurallm.config.EvalConfig` (split, batch_size, context, naive),
-        :class:`~neurallm.config.EvalMethods` (cache_pointer, theta, lambda_, dynamic, dynamic_lr, dynamic_decay,
-        dynamic_window) and ``SourceSettings`` (how to read other ``data``): the flags of ``neurallm eval``. ``amp`` is ``--amp``:
+        :class:`~neurallm.config.EvalMethods` (cache_pointer, theta, lambda_, dynamic, dynamic_rule, dynamic_lr,
+        dynamic_decay, dynamic_window) and ``SourceSettings`` (how to read other ``data``): the flags of ``neurallm eval``. ``amp`` is ``--amp``:
         ``bf16`` runs exact evaluation's products in bfloat16, ``auto`` where the hardware has it (the other methods
         stay float32).
         """
@@ -318,8 +319,13 @@ class Run:
             pointer = CachePointerSettings(methods.cache_pointer, methods.theta, methods.lambda_)
             result = evaluate_cache_pointer(self.model, ids, pointer, batch_size=batch_size, bptt=bptt, context=context)
         elif methods.dynamic:
-            dynamic = DynamicSettings(methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window or bptt)
-            result = evaluate_dynamic(self.model, ids, dynamic)
+            dynamic = DynamicSettings(methods.dynamic_rule, methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window)
+            rms = None
+            if dynamic.rule == "rms":
+                logger.info("dynamic evaluation: measuring each weight's gradient RMS on the run's training split "
+                            "(--dynamic-rule rms)")
+                rms = gradient_rms(self.model, self._training_ids(), dynamic.window)
+            result = evaluate_dynamic(self.model, ids, dynamic, rms)
         elif evaluation.naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
         else:
@@ -333,6 +339,14 @@ class Run:
         if small is not None:
             logger.warning(small)
         return result
+
+    def _training_ids(self) -> np.ndarray:
+        """The run's own training split (dynamic evaluation's rule rms measures its step sizes on it)."""
+        try:
+            return self.eval_data(splits=("train",)).ids("train")
+        except DataError as error:
+            raise DataError(f"--dynamic-rule rms measures its step sizes on the run's training text, which could not be "
+                            f"read ({error}); make it available again or pass --dynamic-rule sgd") from None
 
     def score(self, texts: list[str], **settings) -> list[TextScore]:
         """Log-probability of each text, line by line, by exact evaluation's rules (:mod:`neurallm.scoring`).

@@ -234,6 +234,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
 
     evaluation, report = EvalConfig(**given_settings(args, EvalConfig)), EvalReport(**given_settings(args, EvalReport))
+    if report.json:  # standard output carries the one JSON object alone: no progress lines (warnings go to stderr)
+        logging.getLogger("neurallm").setLevel(logging.WARNING)
     EvalMethods(**given_settings(args, EvalMethods))  # contradicting methods fail before the model is loaded
     run = load_run(args.run, **given_settings(args, LoadSettings))
     source = given_settings(args, SourceSettings)

@@ -63,13 +63,15 @@ EVAL_BATCH_SIZE = 40
 # sizes 10 and 80 within 0.0001% of each other, 2.4x the example's evaluation speed (docs/guides/speed.md).
 EVAL_AMP = "none"
 # Evaluation-time methods' defaults (README: Cache pointer and dynamic evaluation, with the grids they came from).
-# The cache pointer's defaults help untuned (−26% test perplexity on cpu-fast); dynamic evaluation's 0.3 lowered
-# validation perplexity by 31-35% on the two runs measured (an SGD- and an AdamW-trained LSTM); the best rate depends
-# on the model.
+# The cache pointer's defaults help untuned (−26% test perplexity on cpu-fast). Dynamic evaluation's learning rate
+# per rule: rms's was tuned on cpu-fast's valid split (docs/guides/evaluation.md), sgd's 0.3 lowered validation
+# perplexity by 31-35% on the two runs measured; the best rate depends on the model.
 CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.1
-DYNAMIC_LR = 0.3
+DYNAMIC_RULES = ("rms", "sgd")
+DYNAMIC_LR = {"rms": 2e-4, "sgd": 0.3}
 DYNAMIC_DECAY = 0.0
+DYNAMIC_WINDOW = 20  # tokens per update: on cpu-fast 20 beat 10, 15 and 30 (and the run's --bptt, 35)
 
 
 # The splits of a prepared corpus, and the checkpoints of a run (--checkpoint).
@@ -100,6 +102,11 @@ def parse_cutoffs(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ValueError(f"expected increasing word ids like 2000,10000, got {text!r}") from None
+
+
+def _lr_per_rule() -> str:
+    """``--help``'s default text of --dynamic-lr, which depends on --dynamic-rule."""
+    return ", ".join(f"{lr:g} for {rule}" for rule, lr in DYNAMIC_LR.items())
 
 
 def _require(condition: bool, message: str) -> None:
@@ -291,10 +298,12 @@ class EvalMethods:
     theta: float = setting(CACHE_THETA, help="cache pointer: sharpness of the match")
     lambda_: float = setting(CACHE_LAMBDA, help="cache pointer: weight of the cache in the mixture", flag="--lambda")
     dynamic: bool = setting(False, help="dynamic evaluation: adapt the weights to each window after scoring it (one column)")
-    dynamic_lr: float = setting(DYNAMIC_LR, help="dynamic evaluation: SGD learning rate (tune it on --split valid)")
+    dynamic_rule: str = setting("rms", help="dynamic evaluation: steps scaled by each weight's gradient RMS on the "
+                                "training text (rms), or plain SGD steps (sgd)", choices=DYNAMIC_RULES)
+    dynamic_lr: float | None = setting(None, help="dynamic evaluation: learning rate (tune it on --split valid)",
+                                       default_text=_lr_per_rule())
     dynamic_decay: float = setting(DYNAMIC_DECAY, help="dynamic evaluation: pull back towards the trained weights per window")
-    dynamic_window: int | None = setting(None, help="dynamic evaluation: tokens per update", metavar="TOKENS",
-                                         default_text="the run's --bptt")
+    dynamic_window: int = setting(DYNAMIC_WINDOW, help="dynamic evaluation: tokens per update", metavar="TOKENS")
 
     def __post_init__(self) -> None:
         _require(self.cache_pointer is None or not self.dynamic,

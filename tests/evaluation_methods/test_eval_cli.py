@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
+import neurallm
 from neurallm.cli import main
+from neurallm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW
+from conftest import TINY_MODEL, write_patterned_corpus
 
 
 def _eval_json(capsys, *argv) -> dict:
@@ -21,9 +25,28 @@ def test_cache_pointer_reports_its_settings_and_scores_every_token(trained_run, 
 
 def test_dynamic_evaluation_reports_its_settings(trained_run, capsys):
     plain = _eval_json(capsys, str(trained_run))
-    dynamic = _eval_json(capsys, str(trained_run), "--dynamic", "--dynamic-lr", "0.5", "--dynamic-decay", "0.01")
-    assert (dynamic["dynamic_lr"], dynamic["dynamic_decay"], dynamic["dynamic_window"]) == (0.5, 0.01, 8)  # the run's bptt
+    dynamic = _eval_json(capsys, str(trained_run), "--dynamic", "--dynamic-rule", "sgd", "--dynamic-lr", "0.5",
+                         "--dynamic-decay", "0.01", "--dynamic-window", "6")
+    assert (dynamic["dynamic_rule"], dynamic["dynamic_lr"], dynamic["dynamic_decay"], dynamic["dynamic_window"]) == (
+        "sgd", 0.5, 0.01, 6)
     assert dynamic["tokens"] == plain["tokens"] and dynamic["method"] == "dynamic"
+
+
+def test_dynamic_evaluation_defaults_to_the_rms_rule_with_its_own_rate(trained_run, capsys):
+    dynamic = _eval_json(capsys, str(trained_run), "--dynamic")
+    assert (dynamic["dynamic_rule"], dynamic["dynamic_lr"], dynamic["dynamic_decay"]) == ("rms", DYNAMIC_LR["rms"], DYNAMIC_DECAY)
+    assert dynamic["dynamic_window"] == DYNAMIC_WINDOW and math.isfinite(dynamic["ppl"])
+
+
+def test_the_rms_rule_without_the_runs_training_text_is_one_line_naming_the_other_rule(tmp_path, capsys):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=60)
+    neurallm.train(corpus, tmp_path / "run", progress=False, **TINY_MODEL)
+    corpus.rename(tmp_path / "moved")
+    capsys.readouterr()  # training's own warnings (tiny splits)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "moved"), "--dynamic"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "--dynamic-rule sgd" in error and "training text" in error and "\n" not in error, error
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "moved"), "--dynamic", "--dynamic-rule", "sgd"]) == 0
 
 
 def test_both_methods_at_once_is_one_line_naming_the_flags(trained_run, capsys):
