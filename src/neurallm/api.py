@@ -319,7 +319,8 @@ class Run:
             pointer = CachePointerSettings(methods.cache_pointer, methods.theta, methods.lambda_)
             result = evaluate_cache_pointer(self.model, ids, pointer, batch_size=batch_size, bptt=bptt, context=context)
         elif methods.dynamic:
-            dynamic = DynamicSettings(methods.dynamic_rule, methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window)
+            dynamic = DynamicSettings(methods.dynamic_rule, methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window,
+                                      level=self.level)
             rms = None
             if dynamic.rule == "rms":
                 logger.info("dynamic evaluation: measuring each weight's gradient RMS on the run's training split "

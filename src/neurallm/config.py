@@ -64,12 +64,14 @@ EVAL_BATCH_SIZE = 40
 EVAL_AMP = "none"
 # Evaluation-time methods' defaults (README: Cache pointer and dynamic evaluation, with the grids they came from).
 # The cache pointer's defaults help untuned (−26% test perplexity on cpu-fast). Dynamic evaluation's learning rate
-# per rule: rms's was tuned on cpu-fast's valid split (docs/guides/evaluation.md), sgd's 0.3 lowered validation
-# perplexity by 31-35% on the two runs measured; the best rate depends on the model.
+# by rule and by the run's tokens (bpe runs take the word rate), tuned on valid splits (docs/guides/evaluation.md):
+# rms on cpu-fast (word) and char-small (a character's window of 20 covers a fifth of the text a word window does,
+# and 2e-4 made char-small worse than no adaptation); sgd's 0.3 lowered validation perplexity by 31-35% on the two
+# word runs measured. The best rate depends on the model.
 CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.1
 DYNAMIC_RULES = ("rms", "sgd")
-DYNAMIC_LR = {"rms": 2e-4, "sgd": 0.3}
+DYNAMIC_LR = {"rms": {"word": 2e-4, "char": 5e-5}, "sgd": {"word": 0.3, "char": 0.3}}
 DYNAMIC_DECAY = 0.0
 DYNAMIC_WINDOW = 20  # tokens per update: on cpu-fast 20 beat 10, 15 and 30 (and the run's --bptt, 35)
 
@@ -104,9 +106,19 @@ def parse_cutoffs(text: str) -> tuple[int, ...]:
         raise ValueError(f"expected increasing word ids like 2000,10000, got {text!r}") from None
 
 
+def dynamic_lr_default(rule: str, level: str) -> float:
+    """--dynamic-lr's default for ``rule`` on a run whose tokens are ``level`` (word, char or bpe)."""
+    return DYNAMIC_LR[rule]["char" if level == "char" else "word"]
+
+
 def _lr_per_rule() -> str:
-    """``--help``'s default text of --dynamic-lr, which depends on --dynamic-rule."""
-    return ", ".join(f"{lr:g} for {rule}" for rule, lr in DYNAMIC_LR.items())
+    """``--help``'s default text of --dynamic-lr, which depends on --dynamic-rule and the run's tokens."""
+    def rates(by_level: dict) -> str:
+        if len(set(by_level.values())) == 1:
+            return f"{by_level['word']:g}"
+        return f"{by_level['word']:g} (word, bpe), {by_level['char']:g} (char)"
+
+    return "; ".join(f"{rule}: {rates(by_level)}" for rule, by_level in DYNAMIC_LR.items())
 
 
 def _require(condition: bool, message: str) -> None:

@@ -112,9 +112,10 @@ def test_too_little_training_text_for_the_statistics_names_the_other_rule(model)
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_each_rule_has_its_own_defaults(rule):
-    settings = DynamicSettings(rule=rule)
-    assert (settings.lr, settings.decay) == (DYNAMIC_LR[rule], DYNAMIC_DECAY)
+@pytest.mark.parametrize("level,rate_of", [("word", "word"), ("bpe", "word"), ("char", "char")])
+def test_each_rule_has_its_own_rate_for_the_runs_tokens(rule, level, rate_of):
+    settings = DynamicSettings(rule=rule, level=level)
+    assert (settings.lr, settings.decay) == (DYNAMIC_LR[rule][rate_of], DYNAMIC_DECAY)
     assert settings.to_dict()["dynamic_rule"] == rule
 
 

@@ -34,7 +34,8 @@ def test_dynamic_evaluation_reports_its_settings(trained_run, capsys):
 
 def test_dynamic_evaluation_defaults_to_the_rms_rule_with_its_own_rate(trained_run, capsys):
     dynamic = _eval_json(capsys, str(trained_run), "--dynamic")
-    assert (dynamic["dynamic_rule"], dynamic["dynamic_lr"], dynamic["dynamic_decay"]) == ("rms", DYNAMIC_LR["rms"], DYNAMIC_DECAY)
+    assert (dynamic["dynamic_rule"], dynamic["dynamic_lr"], dynamic["dynamic_decay"]) == (
+        "rms", DYNAMIC_LR["rms"]["word"], DYNAMIC_DECAY)  # the session's trained run is word-level
     assert dynamic["dynamic_window"] == DYNAMIC_WINDOW and math.isfinite(dynamic["ppl"])
 
 
@@ -53,3 +54,13 @@ def test_both_methods_at_once_is_one_line_naming_the_flags(trained_run, capsys):
     assert main(["eval", str(trained_run), "--cache-pointer", "50", "--dynamic"]) == 1
     error = capsys.readouterr().err.strip()
     assert "--cache-pointer and --dynamic" in error and "\n" not in error
+
+
+def test_a_character_run_takes_the_rules_character_rate(tmp_path, capsys):
+    corpus = write_patterned_corpus(tmp_path / "corpus", lines=60)
+    neurallm.train(corpus, tmp_path / "run", progress=False, level="char", **TINY_MODEL)
+    capsys.readouterr()
+    rms = _eval_json(capsys, str(tmp_path / "run"), "--dynamic")
+    sgd = _eval_json(capsys, str(tmp_path / "run"), "--dynamic", "--dynamic-rule", "sgd")
+    assert (rms["dynamic_lr"], sgd["dynamic_lr"]) == (DYNAMIC_LR["rms"]["char"], DYNAMIC_LR["sgd"]["char"])
+    assert math.isfinite(rms["bpc"]) and rms["tokens"] == sgd["tokens"]

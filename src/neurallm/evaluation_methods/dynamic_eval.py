@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neurallm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_RULES, DYNAMIC_WINDOW
+from neurallm.config import DYNAMIC_DECAY, DYNAMIC_RULES, DYNAMIC_WINDOW, dynamic_lr_default
 from neurallm.data.batching import batchify, get_batch
 from neurallm.errors import ConfigError
 from neurallm.evaluation import EvalResult
@@ -43,18 +43,20 @@ RMS_EPSILON = 1e-5  # tuned with the learning rate: a larger one (1e-3) made cpu
 
 @dataclass(frozen=True)
 class DynamicSettings:
-    """How dynamic evaluation was run (reported in ``--json`` output); ``lr`` None: the rule's default."""
+    """How dynamic evaluation was run (reported in ``--json`` output). ``lr`` None: the rule's default for the
+    run's tokens, ``level`` (word, char or bpe)."""
 
     rule: str = "rms"
     lr: float | None = None
     decay: float = DYNAMIC_DECAY
     window: int = DYNAMIC_WINDOW
+    level: str = "word"
 
     def __post_init__(self) -> None:
         if self.rule not in DYNAMIC_RULES:
             raise ConfigError(f"--dynamic-rule must be one of {', '.join(DYNAMIC_RULES)}, got {self.rule!r}")
         if self.lr is None:
-            object.__setattr__(self, "lr", DYNAMIC_LR[self.rule])
+            object.__setattr__(self, "lr", dynamic_lr_default(self.rule, self.level))
         if self.lr <= 0:
             raise ConfigError(f"--dynamic-lr must be positive, got {self.lr}")
         if not 0.0 <= self.decay <= 1.0:
