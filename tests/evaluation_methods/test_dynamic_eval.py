@@ -140,3 +140,15 @@ def test_a_learning_rate_that_diverges_is_refused_with_the_flag_and_the_weights_
         _dynamic(model, repeated_text, training_text, rule, lr=1e38)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("config", [dict(model="GRU", nhid=16), dict(model="AWD_LSTM", nhid=16, wdrop=0.2),
+                                    dict(model="Transformer", nhid=16, nhead=2, memory=8)],
+                         ids=["GRU", "AWD_LSTM", "Transformer-memory"])
+def test_the_rms_rule_runs_on_every_model_that_carries_a_state(config, repeated_text, training_text):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=30, emsize=16, nlayers=1, dropout=0.0, **config))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = _dynamic(model, repeated_text, training_text, "rms", lr=1e-3)
+    assert result.tokens == len(repeated_text) - 1 and np.isfinite(result.loss)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
