@@ -38,7 +38,7 @@ FINITE_CHECK_EVERY = 64  # windows between checks that the adapted weights have 
 # so that a large corpus costs minutes, not an epoch.
 STATS_STREAMS = 80
 STATS_TOKENS = 1_000_000
-RMS_EPSILON = 1e-5  # tuned with the learning rate: a larger one (1e-3) made cpu-fast's valid perplexity 20% worse
+RMS_EPSILON = 1e-5  # tuned with the learning rate: 1e-3 made cpu-fast's best valid perplexity 11% worse (91.58 vs 82.26)
 
 
 @dataclass(frozen=True)
