@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import fields
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,7 +20,9 @@ from neurallm.config import ModelConfig, TrainConfig
 from neurallm.data.batching import ContiguousBatches, batchify
 from neurallm.models import build_model
 from neurallm.presets import PRESETS, with_preset
+from neurallm.run_config import TRAIN_SETTINGS
 from neurallm.runtime import amp_dtype_for, cuda_matmul_precision, keep_freed_memory, pick_device, precision_name
+from neurallm.settings import split_settings
 from neurallm.training.optim import build_optimizer
 from neurallm.training.step import training_step
 
@@ -43,12 +44,12 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     amp = args.amp or (None if args.preset else "none")  # the example's own figures are float32
     settings = with_preset(args.preset, {} if amp is None else {"amp": amp})
-    train = TrainConfig(**{k: v for k, v in settings.items() if k in _names(TrainConfig)})
+    *data_settings, model_settings, train_settings = split_settings(settings, *TRAIN_SETTINGS, what="profile_train")
+    train = TrainConfig(**train_settings)
     amp_dtype = amp_dtype_for(train.amp, device)
     keep_freed_memory()
-    prepared = prepare(args.data)
+    prepared = prepare(args.data, **{name: value for part in data_settings for name, value in part.items()})
     torch.manual_seed(1111)
-    model_settings = {k: v for k, v in settings.items() if k in _names(ModelConfig)}
     model = build_model(ModelConfig(**model_settings, vocab_size=len(prepared.vocab))).to(device).train()
     print(f"{args.preset or 'the PyTorch example'}: {type(model).__name__}, batch {train.batch_size}, bptt {train.bptt}, "
           f"{train.optimizer}, products in {precision_name(amp_dtype)}")
@@ -86,10 +87,6 @@ def main() -> None:
     print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if on_gpu:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
-
-
-def _names(settings_class) -> set[str]:
-    return {field.name for field in fields(settings_class)}
 
 
 if __name__ == "__main__":

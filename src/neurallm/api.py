@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from neurallm.config import EvalConfig, EvalMethods, LoadSettings, ModelConfig, ScoreConfig, TrainConfig
@@ -47,7 +48,6 @@ from neurallm import runfolder, weights
 from neurallm.errors import RunDirError
 
 if TYPE_CHECKING:  # training is imported by train() alone: loading and using a run never imports it
-    import numpy as np
     from neurallm.training.loop import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -265,6 +265,9 @@ class Run:
     config: RunConfig
     vocab: Vocab
     model: nn.Module
+    # dynamic evaluation's gradient RMS per window length: one pass over the training text (40 s for cpu-fast) that
+    # a grid of --dynamic-lr values on this Run's weights would otherwise repeat for every value
+    _gradient_rms: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def level(self) -> str:
@@ -321,11 +324,7 @@ class Run:
         elif methods.dynamic:
             dynamic = DynamicSettings(methods.dynamic_rule, methods.dynamic_lr, methods.dynamic_decay, methods.dynamic_window,
                                       level=self.level)
-            rms = None
-            if dynamic.rule == "rms":
-                logger.info("dynamic evaluation: measuring each weight's gradient RMS on the run's training split "
-                            "(--dynamic-rule rms)")
-                rms = gradient_rms(self.model, self._training_ids(), dynamic.window)
+            rms = self._gradient_rms_for(dynamic.window) if dynamic.rule == "rms" else None
             result = evaluate_dynamic(self.model, ids, dynamic, rms)
         elif evaluation.naive:
             result = evaluate_naive(self.model, ids, batch_size=batch_size, bptt=bptt)
@@ -341,13 +340,19 @@ class Run:
             logger.warning(small)
         return result
 
-    def _training_ids(self) -> np.ndarray:
-        """The run's own training split (dynamic evaluation's rule rms measures its step sizes on it)."""
-        try:
-            return self.eval_data(splits=("train",)).ids("train")
-        except DataError as error:
-            raise DataError(f"--dynamic-rule rms measures its step sizes on the run's training text, which could not be "
-                            f"read ({error}); make it available again or pass --dynamic-rule sgd") from None
+    def _gradient_rms_for(self, window: int) -> list[torch.Tensor]:
+        """Dynamic evaluation's rule rms: each weight's gradient RMS on the run's own training split, measured once
+        per window length."""
+        if window not in self._gradient_rms:
+            try:
+                train_ids = self.eval_data(splits=("train",)).ids("train")
+            except DataError as error:
+                raise DataError(f"--dynamic-rule rms measures its step sizes on the run's training text, which could not "
+                                f"be read ({error}); make it available again or pass --dynamic-rule sgd") from None
+            logger.info("dynamic evaluation: measuring each weight's gradient RMS on the run's training split "
+                        "(--dynamic-rule rms)")
+            self._gradient_rms[window] = gradient_rms(self.model, train_ids, window)
+        return self._gradient_rms[window]
 
     def score(self, texts: list[str], **settings) -> list[TextScore]:
         """Log-probability of each text, line by line, by exact evaluation's rules (:mod:`neurallm.scoring`).

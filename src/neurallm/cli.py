@@ -234,8 +234,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from neurallm.api import load_run
 
     evaluation, report = EvalConfig(**given_settings(args, EvalConfig)), EvalReport(**given_settings(args, EvalReport))
-    if report.json:  # standard output carries the one JSON object alone: no progress lines (warnings go to stderr)
-        logging.getLogger("neurallm").setLevel(logging.WARNING)
     EvalMethods(**given_settings(args, EvalMethods))  # contradicting methods fail before the model is loaded
     run = load_run(args.run, **given_settings(args, LoadSettings))
     source = given_settings(args, SourceSettings)
@@ -577,10 +575,10 @@ class _PlainLines(logging.StreamHandler):
         pass  # always the current sys.stdout / sys.stderr
 
 
-def configure_logging() -> None:
+def configure_logging(json_output: bool = False) -> None:
     """The library logs through ``logging.getLogger("neurallm....")``; the command prints the training log (INFO)
-    on standard output, as the PyTorch example does, and warnings on standard error (so ``eval --json`` prints its
-    one object alone)."""
+    on standard output, as the PyTorch example does, and warnings on standard error. With ``json_output`` (a
+    command's ``--json``) standard output carries the JSON alone: INFO lines are not printed."""
     logger = logging.getLogger("neurallm")
     if not any(isinstance(h, _PlainLines) for h in logger.handlers):
         out, err = _PlainLines("stdout"), _PlainLines("stderr")
@@ -589,7 +587,10 @@ def configure_logging() -> None:
         logger.addHandler(out)
         logger.addHandler(err)
     # under torchrun, rank 0 speaks for all: the other ranks log errors only
-    logger.setLevel(logging.INFO if _is_main_process() else logging.ERROR)
+    if not _is_main_process():
+        logger.setLevel(logging.ERROR)
+    else:
+        logger.setLevel(logging.WARNING if json_output else logging.INFO)
     logger.propagate = False  # the lines are printed once, here, not again by a root handler
 
 
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (``--debug`` for the traceback) and return non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(json_output=getattr(args, "json", False))
     try:
         if args.command in ("train", "eval", "generate", "score"):  # only commands that run a model load torch
             from neurallm.runtime import keep_freed_memory

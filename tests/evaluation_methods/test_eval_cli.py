@@ -64,3 +64,18 @@ def test_a_character_run_takes_the_rules_character_rate(tmp_path, capsys):
     sgd = _eval_json(capsys, str(tmp_path / "run"), "--dynamic", "--dynamic-rule", "sgd")
     assert (rms["dynamic_lr"], sgd["dynamic_lr"]) == (DYNAMIC_LR["rms"]["char"], DYNAMIC_LR["sgd"]["char"])
     assert math.isfinite(rms["bpc"]) and rms["tokens"] == sgd["tokens"]
+
+
+def test_a_grid_of_rates_on_one_loaded_run_measures_the_gradient_rms_once(trained_run, monkeypatch):
+    import neurallm.api
+
+    measured = []
+    real = neurallm.api.gradient_rms
+    monkeypatch.setattr(neurallm.api, "gradient_rms", lambda *args: measured.append(args[2]) or real(*args))
+    run = neurallm.load_run(trained_run)
+    first, second = (run.evaluate(dynamic=True, dynamic_lr=lr) for lr in (1e-4, 2e-4))
+    again = run.evaluate(dynamic=True, dynamic_lr=1e-4)
+    assert measured == [DYNAMIC_WINDOW]  # one pass over the training text for the whole grid
+    assert again.loss == first.loss != second.loss
+    run.evaluate(dynamic=True, dynamic_window=5)
+    assert measured == [DYNAMIC_WINDOW, 5]  # another window length is measured for itself

@@ -20,6 +20,8 @@ The trained weights are restored afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,23 +71,33 @@ class DynamicSettings:
                 "dynamic_window": self.window}
 
 
+@contextmanager
+def _adapting(model: LanguageModel) -> Iterator[list[torch.Tensor]]:
+    """The model's trainable weights, with dropout off (the gradient is the text's, not a regulariser's) and
+    gradients on; afterwards the gradients are dropped and the caller's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield [p for p in model.parameters() if p.requires_grad]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
 def gradient_rms(model: LanguageModel, train_ids: np.ndarray, window: int) -> list[torch.Tensor]:
     """Root mean square of each trainable weight's gradient over ``window``-token windows of the training text
     (its first :data:`STATS_TOKENS` tokens in :data:`STATS_STREAMS` columns, state carried, no dropout)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
     ids = np.asarray(train_ids[: STATS_TOKENS + 1])
     if len(ids) < window + 1:
         raise ConfigError(f"--dynamic-rule rms measures its step sizes on the run's training text, which has {len(ids)} "
                           f"tokens, fewer than one {window}-token window; use --dynamic-rule sgd")
     streams = max(1, min(STATS_STREAMS, (len(ids) - 1) // window))
     stream = batchify(torch.from_numpy(ids.astype(np.int64)), streams)
-    squares = [torch.zeros_like(p) for p in params]
-    was_training = model.training
-    model.eval()
-    state = model.init_state(streams, device)
-    windows = 0
-    try:
+    with _adapting(model) as params:
+        device = params[0].device
+        squares = [torch.zeros_like(p) for p in params]
+        state = model.init_state(streams, device)
+        windows = 0
         for row in range(0, len(stream) - 1, window):
             inputs, targets = get_batch(stream, row, window, device)
             features, state = model.features(inputs, state)
@@ -97,9 +109,6 @@ def gradient_rms(model: LanguageModel, train_ids: np.ndarray, window: int) -> li
                         square.addcmul_(p.grad, p.grad)
             state = tuple(t.detach() for t in state)
             windows += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return [torch.sqrt(square / windows) for square in squares]
 
 
@@ -110,40 +119,36 @@ def evaluate_dynamic(model: LanguageModel, ids: np.ndarray, settings: DynamicSet
     if not model.carries_state:
         raise ConfigError("--dynamic needs a model that carries a state between windows (an RNN, AWD_LSTM or "
                           "a Transformer with --memory)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if settings.rule == "rms" and (rms is None or len(rms) != len(params)):
-        raise ValueError("the rule 'rms' needs gradient_rms() of the model's trainable weights")
     started = time.perf_counter()
-    device = params[0].device
-    trained = [p.detach().clone() for p in params]
-    steps, pulls = _update_factors(settings, rms, len(params))
-    was_training = model.training
-    model.eval()  # no dropout: the gradient is the text's, not a regulariser's
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    state = model.init_state(1, device)
-    column = batchify(np.asarray(ids), 1)
-    try:
-        for number, row in enumerate(range(0, len(ids) - 1, settings.window)):
-            inputs, targets = get_batch(column, row, settings.window, device)
-            features, new_state = model.features(inputs, state)
-            nll = model.head.loss(features, targets, reduction="sum")
-            total += nll.detach().double()
-            model.zero_grad(set_to_none=True)
-            (nll / targets.numel()).backward()
+    with _adapting(model) as params:
+        if settings.rule == "rms" and (rms is None or len(rms) != len(params)):
+            raise ValueError("the rule 'rms' needs gradient_rms() of the model's trainable weights")
+        device = params[0].device
+        trained = [p.detach().clone() for p in params]
+        steps, pulls = _update_factors(settings, rms, len(params))
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        state = model.init_state(1, device)
+        column = batchify(np.asarray(ids), 1)
+        try:
+            for number, row in enumerate(range(0, len(ids) - 1, settings.window)):
+                inputs, targets = get_batch(column, row, settings.window, device)
+                features, new_state = model.features(inputs, state)
+                nll = model.head.loss(features, targets, reduction="sum")
+                total += nll.detach().double()
+                model.zero_grad(set_to_none=True)
+                (nll / targets.numel()).backward()
+                with torch.no_grad():
+                    for p, p0, step, pull in zip(params, trained, steps, pulls):
+                        _update(p, p0, step, pull, settings)
+                state = tuple(t.detach() for t in new_state)
+                if number % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
+                    raise _diverged(settings, row + settings.window)
+            if not torch.isfinite(total):
+                raise _diverged(settings, len(ids) - 1)
+        finally:
             with torch.no_grad():
-                for p, p0, step, pull in zip(params, trained, steps, pulls):
-                    _update(p, p0, step, pull, settings)
-            state = tuple(t.detach() for t in new_state)
-            if number % FINITE_CHECK_EVERY == 0 and not torch.isfinite(total):
-                raise _diverged(settings, row + settings.window)
-        if not torch.isfinite(total):
-            raise _diverged(settings, len(ids) - 1)
-    finally:
-        with torch.no_grad():
-            for p, p0 in zip(params, trained):
-                p.copy_(p0)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+                for p, p0 in zip(params, trained):
+                    p.copy_(p0)
     count = len(ids) - 1
     return EvalResult(float(total) / count, count, time.perf_counter() - started, "dynamic", 1, None,
                       settings=settings.to_dict())
