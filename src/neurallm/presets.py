@@ -45,7 +45,7 @@ PRESETS: dict[str, Preset] = {
                       {**_AWD, "dropouti": 0.4, "dropouth": 0.25, "batch_size": 20, "epochs": 500, "seed": 141}),
     # retuned 2026-12-03 (docs/guides/speed.md, "cpu-fast retuned again"): the bfloat16 output layer is cheap per
     # token but still most of a step, so a narrower tied model with AWD-LSTM's regularisers sees more epochs in 110 s
-    # and overfits less: wt2-lite, --max-time 110, test perplexity 150.31-156.68 (10 runs, 9 at most 155) where the
+    # and overfits less: wt2-lite, --max-time 110, test perplexity 150.31-156.68 (11 runs, 10 at most 155) where the
     # 1x256 LSTM without them gave 169.90 the same hour; amp "auto": bfloat16 where the CPU has it
     "cpu-fast": Preset("a few CPU minutes on a word corpus: 1-layer AWD_LSTM 128/128 tied (bfloat16 where the CPU has "
                        "it), dropout 0.3, dropouti 0.3, dropoute 0.1, wdrop 0.2, alpha 2, beta 1, AdamW "
