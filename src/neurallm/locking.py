@@ -9,6 +9,10 @@ by ``kill -9``, so a stale lock file never blocks anyone: the next writer simply
 Readers (``eval``, ``generate``, loading a prepared corpus) take no lock: every file is replaced atomically,
 so they see whole files, each either the old or the new version.
 
+The one writer that waits instead of being refused is a run preparing the shared cache's copy of a corpus
+(``wait=True``): two runs of a sweep started together on one corpus both want the same cache folder, the user
+chose neither that folder nor the order, and the second can use what the first writes.
+
 The lock file is removed on release. A process that opened it just before may then hold a lock on a file
 that is no longer in the folder, so :func:`lock_folder` checks, once it holds the lock, that the file it
 locked is still the one at the path, and tries again if not.
@@ -17,6 +21,7 @@ locked is still the one at the path, and tries again if not.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ from types import TracebackType
 from neurallm.errors import FolderInUseError
 
 LOCK_FILE = ".neurallm.lock"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +95,7 @@ def _busy(folder: Path, path: Path) -> FolderInUseError:
     )
 
 
-def lock_folder(folder: Path, what: str, *, beside: bool = False) -> FolderLock:
+def lock_folder(folder: Path, what: str, *, beside: bool = False, wait: bool = False) -> FolderLock:
     """Take the exclusive lock of ``folder`` for this process, or raise naming the holder's PID.
 
     Args:
@@ -96,16 +103,23 @@ def lock_folder(folder: Path, what: str, *, beside: bool = False) -> FolderLock:
         what: what this process writes, kept in the lock file for the error a second process gets ("a training run").
         beside: keep the lock file next to the folder (``.NAME.neurallm.lock``) rather than in it: for a folder that
             is written elsewhere and swapped in whole (a prepared corpus), which would swap a lock inside it away.
+        wait: wait for the holder to release the lock (saying so once) instead of raising.
     """
     folder = Path(folder)
     path = folder.parent / f".{folder.name}{LOCK_FILE}" if beside else folder / LOCK_FILE
+    said_waiting = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _busy(folder, path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise _busy(folder, path) from None
+                if not said_waiting:
+                    logger.info(f"waiting for another neurallm process ({_holder(path)}) to finish {folder}")
+                    said_waiting = True
+                fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait
         except BaseException:
             os.close(fd)
             raise

@@ -299,6 +299,32 @@ def test_the_temp_folder_of_a_killed_prepare_is_removed_by_the_next_one(tmp_path
     assert alive.exists()
 
 
+def test_a_run_preparing_the_cached_copy_that_another_process_is_writing_waits_and_reuses_it(tmp_path, caplog):
+    """Two runs of a sweep started together on one corpus: the second waits for the cache, it is not refused."""
+    import threading
+    from neurallm.locking import lock_folder
+
+    corpus = _corpus(tmp_path / "a", 60, 1)
+    folder = prepare(corpus).folder  # the cache folder of this corpus, which the other run is about to write
+    written = tmp_path / "written"
+    folder.rename(written)
+    results = []
+    with caplog.at_level("INFO", logger="neurallm.locking"):
+        with lock_folder(folder, "a prepared corpus", beside=True):  # the other run, in the middle of writing it
+            waiter = threading.Thread(target=lambda: results.append(prepare(corpus)))
+            waiter.start()
+            waiter.join(timeout=2.0)
+            assert waiter.is_alive() and results == [] and not folder.exists()  # waiting, writing nothing
+            written.rename(folder)  # the other run swaps its finished folder in, then releases the lock
+            inode = folder.stat().st_ino
+        waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    [prepared] = results
+    assert prepared.folder == folder and folder.stat().st_ino == inode  # reused, not written again
+    assert [r.getMessage() for r in caplog.records if "waiting for another neurallm process" in r.getMessage()] == [
+        f"waiting for another neurallm process (PID {os.getpid()}, writing a prepared corpus) to finish {folder}"]
+
+
 def test_a_second_process_writing_the_same_prepared_folder_is_refused_naming_the_first(tmp_path, capsys):
     """The lock lies beside the folder (the folder itself is swapped in whole) and is taken only to write."""
     from neurallm.cli import main

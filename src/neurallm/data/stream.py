@@ -259,10 +259,11 @@ def prepare_corpus(
     if prepared is not None:
         return prepared
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # One writer at a time: a second process preparing into the same folder gets one line naming the first. The
-    # lock file lies beside the folder, which is replaced whole. Taken only to write, so readers of a finished
-    # folder (a cache hit, the other ranks under torchrun) never wait for it.
-    with lock_folder(folder, "a prepared corpus", beside=True):
+    # One writer at a time: a second process preparing into the same --out folder gets one line naming the first;
+    # into the cache (two runs of a sweep started together) it waits, then reuses what the first wrote. The lock
+    # file lies beside the folder, which is replaced whole. Taken only to write, so readers of a finished folder (a
+    # cache hit, the other ranks under torchrun) never wait for it.
+    with lock_folder(folder, "a prepared corpus", beside=True, wait=out_dir is None):
         prepared = _reusable(folder, source_key, replacing=False)  # another process may have just written it
         if prepared is not None:
             return prepared
