@@ -241,6 +241,7 @@ CASES = [
      "--split-ratios must be three positive fractions that sum to 1"),
     ("lr-inf", TRAIN + ["--lr", "inf"], _corpus, "--lr must be positive and finite"),
     ("weight-decay-inf", TRAIN + ["--weight-decay", "inf"], _corpus, "--weight-decay must be 0 or a positive finite number"),
+    ("min-lr-ratio-above-1", TRAIN + ["--min-lr-ratio", "1.5"], _corpus, "--min-lr-ratio must be between 0 and 1"),
     ("seed-beyond-64-bits", TRAIN + ["--seed", str(2**64)], _corpus, "--seed must be between 0 and 2**64-1"),
     ("seed-negative", TRAIN + ["--seed", "-1"], _corpus, "--seed must be between 0 and 2**64-1"),
     ("save-every-nan", TRAIN + ["--save-every", "nan"], _corpus, "--save-every must be 0 (every step) or more seconds"),

@@ -222,6 +222,7 @@ class TrainConfig:
     weight_decay: float = setting(0.01, help="weight decay (adamw: decoupled, on matrices; ntasgd: L2 on every parameter)")
     nonmono: int = setting(5, help="ntasgd: start averaging when validation is worse than the best of all but the last NONMONO epochs")
     warmup: int = setting(100, help="AdamW warm-up steps")
+    min_lr_ratio: float = setting(0.1, help="adamw: the cosine ends at this fraction of --lr (0: anneals to zero)")
     max_time: float | None = setting(None, help="stop after this many seconds of training, counted across resumes; the best model is kept",
                                      resumable=True)
     device: str = setting("auto", help="where to train", choices=DEVICES, resumable=True)
@@ -255,6 +256,7 @@ class TrainConfig:
                  "fixed windows in random order); drop one")
         _require(self.nonmono >= 1, f"--nonmono must be at least 1, got {self.nonmono}")
         _require(self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}")
+        _require(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}")
         _require(self.max_time is None or self.max_time > 0, f"--max-time must be positive seconds, got {self.max_time}")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")

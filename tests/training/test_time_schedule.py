@@ -67,8 +67,20 @@ def test_resume_continues_the_clock_and_a_raised_limit_stretches_the_rest():
 
 def test_a_checkpoint_from_the_fitted_schedule_still_loads():
     data = {**_schedule().to_dict(), "fitted_to": 110.0}
-    data.pop("time_limit"), data.pop("elapsed"), data.pop("warmup_end_time")
-    assert Schedule.from_dict(data).time_limit is None
+    data.pop("time_limit"), data.pop("elapsed"), data.pop("warmup_end_time"), data.pop("min_lr_ratio")
+    loaded = Schedule.from_dict(data)
+    assert loaded.time_limit is None and loaded.min_lr_ratio == 0.1  # the floor every older run annealed to
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.5])
+def test_the_cosine_ends_at_min_lr_ratio_of_the_rate_by_the_clock_or_the_epochs(ratio):
+    by_clock = Schedule("adamw", 1e-3, warmup=10, total_steps=100_000, min_lr_ratio=ratio)
+    rates = _run(by_clock, [1.0] * 10 + [0.5] * 200, time_limit=110)
+    assert rates[-1] == pytest.approx(1e-3 * ratio) and rates[-2] > rates[-1]
+    assert rates[10 + 99] == pytest.approx(1e-3 * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    by_epochs = Schedule("adamw", 1e-3, warmup=10, total_steps=110, min_lr_ratio=ratio)
+    assert _run(by_epochs, [0.1] * 110, time_limit=None)[-1] == pytest.approx(1e-3 * ratio)
+    assert Schedule.from_dict(by_epochs.to_dict()).min_lr_ratio == ratio  # a resumed run keeps its floor
 
 
 def test_sgd_schedules_do_not_follow_the_clock():

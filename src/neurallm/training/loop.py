@@ -159,7 +159,8 @@ class Trainer:
 
     def _setup_schedule(self) -> None:
         train = self.config.train
-        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches), nonmono=train.nonmono)
+        self.schedule = Schedule(train.optimizer, train.lr, train.warmup, train.epochs * len(self.batches), nonmono=train.nonmono,
+                                 min_lr_ratio=train.min_lr_ratio)
         self.average = ParameterAverage(self.model)  # NT-ASGD's averaged weights (inactive otherwise)
 
     def _setup_counters(self) -> None:

@@ -4,8 +4,8 @@
   validation loss fails to improve (the PyTorch example's schedule).
 * ``ntasgd``: SGD at a constant learning rate (with L2 weight decay) until validation stalls, non-monotonically
   (see :mod:`neurallm.training.ntasgd`); then the weights are averaged.
-* ``adamw``: AdamW with linear warm-up over ``warmup`` steps, then cosine decay to a tenth of ``lr`` by the
-  last step of the last epoch. Weight decay applies to matrices only, not to biases and LayerNorm gains.
+* ``adamw``: AdamW with linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` × ``lr``
+  (``--min-lr-ratio``, a tenth by default) by the last step of the last epoch. Weight decay applies to matrices only, not to biases and LayerNorm gains.
 
 With ``--max-time`` the last step is not known in advance, yet a run stopped by the clock in mid-schedule has
 not annealed and scores much worse. So the cosine follows the training clock instead: after the warm-up its
@@ -62,6 +62,7 @@ class Schedule:
     time_limit: float | None = None  # --max-time: the cosine follows the training clock towards it
     elapsed: float = 0.0  # training seconds after the last step (the trainer's clock)
     warmup_end_time: float | None = None  # the clock when the warm-up ended (the cosine's start in time)
+    min_lr_ratio: float = 0.1  # adamw: the cosine's end as a fraction of base_lr (checkpoints without it had 0.1)
 
     def __post_init__(self) -> None:
         if self.lr == 0.0:
@@ -75,7 +76,8 @@ class Schedule:
             time_left = max(1e-9, self.time_limit - self.warmup_end_time)
             progress = max(progress, (self.elapsed - self.warmup_end_time) / time_left)
         progress = min(1.0, progress)
-        return self.base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        floor = self.min_lr_ratio
+        return self.base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def after_step(self, elapsed: float = 0.0, time_limit: float | None = None) -> None:
         """Count a step; ``elapsed`` is the training time so far and ``time_limit`` the ``--max-time`` (None: none)."""
