@@ -5,7 +5,8 @@
 * ``ntasgd``: SGD at a constant learning rate (with L2 weight decay) until validation stalls, non-monotonically
   (see :mod:`neurallm.training.ntasgd`); then the weights are averaged.
 * ``adamw``: AdamW with linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` × ``lr``
-  (``--min-lr-ratio``, a tenth by default) by the last step of the last epoch. Weight decay applies to matrices only, not to biases and LayerNorm gains.
+  (``--min-lr-ratio``, a tenth by default) by the last step of the last epoch. Weight decay applies to matrices
+  only, not to biases and LayerNorm gains.
 
 With ``--max-time`` the last step is not known in advance, yet a run stopped by the clock in mid-schedule has
 not annealed and scores much worse. So the cosine follows the training clock instead: after the warm-up its
