@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
     # token but still most of a step, so a narrower tied model with AWD-LSTM's regularisers sees more epochs in 110 s
     # and overfits less (169.90 -> 150.31-156.68 test perplexity, wt2-lite, --max-time 110, 11 runs, 10 at most 155).
     # Then ("cpu-fast, fourth round"): without embedding dropout and with the cosine down to 1% instead of 10%, 10
-    # fixed epochs gave 2.5-4.9 points less on each of three seeds; --max-time 110: 148.43-151.26 in 6 runs of 6.
+    # fixed epochs gave 2.5-4.9 points less on each of three seeds; --max-time 110: 147.86-151.26 in 7 runs of 7.
     # amp "auto": bfloat16 where the CPU has it
     "cpu-fast": Preset("a few CPU minutes on a word corpus: 1-layer AWD_LSTM 128/128 tied (bfloat16 where the CPU has "
                        "it), dropout 0.3, dropouti 0.3, dropoute 0, wdrop 0.2, alpha 2, beta 1, AdamW "
